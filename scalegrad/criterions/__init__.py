@@ -1,0 +1,1 @@
+"""fairseq components; imported (and so registered) by the package __init__."""
