@@ -1,0 +1,162 @@
+"""The ScaleGrad objective (Lin, Han and Joty, ICML 2021), in pure torch.
+
+At position ``t`` the model's distribution ``p_t`` is rescaled so that every
+*novel* token (one that does not occur among the previous targets
+``y[0..t-1]`` of the same row) has its probability multiplied by ``gamma``:
+
+    q_t(v) = (p_t(v) * s_t(v) + eps) / Z_t,   s_t(v) = gamma if v is novel else 1,
+    Z_t    = sum_v (p_t(v) * s_t(v) + eps)
+
+and the loss is ``-log q_t(y[t])``. The original code builds a dense
+``(batch, time, vocab)`` novel mask and several dense copies of ``p``. Nothing
+needs them: with ``S_t`` the set of distinct tokens already seen,
+
+    Z_t = gamma * (1 - P_t) + P_t + V * eps,   P_t = sum_{v in S_t} p_t(v),
+
+and ``P_t`` is a gather of at most ``t`` log-probabilities per position. So the
+loss costs one log-softmax (as cross-entropy does) plus a ``(batch, time, time)``
+gather; the extra memory over cross-entropy is O(batch x time x time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["scalegrad_loss", "first_occurrence_mask", "check_gamma"]
+
+
+def check_gamma(gamma: float, *, name: str = "gamma") -> float:
+    """Validate ``gamma``: it must be a finite number > 0; > 1 only warns."""
+    gamma = float(gamma)
+    if not math.isfinite(gamma) or gamma <= 0:
+        raise ValueError(
+            f"{name} must be a number > 0 (the paper uses 0.2, 0.5 or 0.8; 1.0 is "
+            f"maximum likelihood), got {gamma}"
+        )
+    if gamma > 1:
+        logger.warning(
+            "%s=%g > 1 penalises novel tokens instead of favouring them", name, gamma
+        )
+    return gamma
+
+
+def first_occurrence_mask(target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(batch, time)`` bool: True where ``target[b, j]`` is the first valid
+    occurrence of its id in row ``b`` (positions where ``valid`` is False are
+    never first occurrences and never hide later ones).
+
+    Sorting each row by (id, position) puts equal ids next to each other, so a
+    position is a first occurrence when its sorted predecessor has another id.
+    """
+    batch, time = target.shape
+    if time == 0:
+        return torch.zeros_like(target, dtype=torch.bool)
+    key = target.clone()
+    if valid is not None:
+        # Invalid positions get ids below every real id, so they sort first and
+        # group with each other only.
+        key = torch.where(valid, key, torch.full_like(key, torch.iinfo(key.dtype).min))
+    # A stable sort keeps equal ids in order of position.
+    sorted_ids, order = torch.sort(key, dim=1, stable=True)
+    is_first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
+    is_first_sorted[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    first = torch.empty_like(is_first_sorted)
+    first.scatter_(1, order, is_first_sorted)
+    if valid is not None:
+        first &= valid
+    return first
+
+
+def scalegrad_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float,
+    *,
+    ignore_index: int | None = None,
+    eps: float = 1e-8,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """The ScaleGrad loss of ``logits`` against ``target``.
+
+    Args:
+        logits: ``(batch, time, vocab)`` unnormalised scores (log-probabilities
+            work too: log-softmax is idempotent). Any float dtype; the loss is
+            computed in float32 (float64 stays float64).
+        target: ``(batch, time)`` token ids.
+        gamma: scale of the novel tokens' probabilities, > 0 (1.0 is maximum
+            likelihood up to the ``eps`` smoothing).
+        ignore_index: target id of padding: such positions are neither scored
+            nor part of any later position's context.
+        eps: added to every one of the ``vocab`` rescaled probabilities before
+            normalising, as the original does.
+        reduction: ``"sum"`` (a scalar) or ``"none"`` (``(batch, time)``, zero
+            at ignored positions).
+
+    Each row of the batch is its own sequence: the context of position ``t``
+    is the row's targets before ``t`` (quirk of the original, kept: the first
+    input token is never part of the context; at ``t = 0`` every token is
+    novel).
+    """
+    gamma = check_gamma(gamma)
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    if logits.dim() != 3 or target.dim() != 2 or logits.shape[:2] != target.shape:
+        raise ValueError(
+            "expected logits (batch, time, vocab) and target (batch, time), got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    batch, time, vocab = logits.shape
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    target = target.long()
+
+    if ignore_index is not None:
+        valid = target != ignore_index
+        safe_target = target.masked_fill(~valid, 0)
+    else:
+        valid = None
+        safe_target = target
+
+    lprobs = F.log_softmax(logits, dim=-1, dtype=compute_dtype)
+
+    # One gather for both the targets' and the context tokens' log-probabilities:
+    # index [b, t, 0] = y[b, t]; index [b, t, 1 + j] = y[b, j].
+    index = torch.cat(
+        (safe_target.unsqueeze(2), safe_target.unsqueeze(1).expand(batch, time, time)), dim=2
+    )
+    gathered = lprobs.gather(2, index)
+    target_lprobs = gathered[:, :, 0]
+    context_lprobs = gathered[:, :, 1:]
+
+    # Position j counts in the context of t when j < t, j is valid and y[j]
+    # has not occurred earlier in the row (each distinct seen token once).
+    first = first_occurrence_mask(safe_target, valid)
+    earlier = torch.ones(time, time, dtype=torch.bool, device=target.device).tril(-1)
+    in_context = earlier.unsqueeze(0) & first.unsqueeze(1)
+    seen_mass = context_lprobs.exp().masked_fill(~in_context, 0.0).sum(dim=2)
+
+    # Is y[t] already seen, i.e. does it occur at a valid position j < t?
+    same = (safe_target.unsqueeze(2) == safe_target.unsqueeze(1)) & earlier.unsqueeze(0)
+    if valid is not None:
+        same &= valid.unsqueeze(1)
+    target_seen = same.any(dim=2)
+
+    log_gamma = math.log(gamma)
+    log_eps = math.log(eps) if eps > 0 else -math.inf
+    scaled_target_lprobs = torch.where(target_seen, target_lprobs, target_lprobs + log_gamma)
+    # log(p * s + eps), stable for tiny p.
+    log_numerator = torch.logaddexp(
+        scaled_target_lprobs, torch.full_like(scaled_target_lprobs, log_eps)
+    )
+    normaliser = gamma * (1.0 - seen_mass) + seen_mass + vocab * eps
+    losses = normaliser.log() - log_numerator
+    if valid is not None:
+        losses = losses.masked_fill(~valid, 0.0)
+    if reduction == "none":
+        return losses
+    return losses.sum()
