@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["scalegrad_loss", "first_occurrence_mask", "check_gamma"]
+__all__ = ["scalegrad_loss", "check_gamma", "first_occurrence_mask", "novelty_masks", "scalegrad_terms"]
 
 
 def check_gamma(gamma: float, *, name: str = "gamma") -> float:
@@ -71,6 +71,57 @@ def first_occurrence_mask(target: torch.Tensor, valid: torch.Tensor | None = Non
     if valid is not None:
         first &= valid
     return first
+
+
+def novelty_masks(target: torch.Tensor, valid: torch.Tensor | None):
+    """Which earlier positions make up each position's context, and whether
+    each target was already seen, for ``target (batch, time)``.
+
+    Returns ``in_context (batch, time, time)``: position ``j`` counts in the
+    context of ``t`` when ``j < t``, ``j`` is valid and ``y[j]`` did not occur
+    earlier in the row (so each distinct seen token counts once); and
+    ``target_seen (batch, time)``: ``y[t]`` occurs at a valid ``j < t``.
+    """
+    time = target.shape[1]
+    first = first_occurrence_mask(target, valid)
+    earlier = torch.ones(time, time, dtype=torch.bool, device=target.device).tril(-1)
+    in_context = earlier.unsqueeze(0) & first.unsqueeze(1)
+    same = (target.unsqueeze(2) == target.unsqueeze(1)) & earlier.unsqueeze(0)
+    if valid is not None:
+        same &= valid.unsqueeze(1)
+    return in_context, same.any(dim=2)
+
+
+def scalegrad_terms(target_lprobs, context_lprobs, in_context, target_seen, gamma, eps, vocab):
+    """The per-position ScaleGrad loss from gathered log-probabilities.
+
+    ``target_lprobs (...)``: log p_t(y_t); ``context_lprobs (..., K)``: log p_t
+    of candidate context tokens, counted where ``in_context (..., K)``;
+    ``target_seen (...)``. Returns ``(loss, aux)`` where ``aux`` holds what the
+    analytic gradient needs (used by :mod:`scalegrad.fused`).
+
+    With ``P`` the probability mass of the seen tokens and ``s = 1`` for a
+    seen target, ``gamma`` otherwise:
+    ``loss = log(gamma (1 - P) + P + V eps) - log(s p_y + eps)``.
+    """
+    log_eps = math.log(eps) if eps > 0 else -math.inf
+    context_probs = context_lprobs.exp().masked_fill(~in_context, 0.0)
+    seen_mass = context_probs.sum(dim=-1)
+    scaled_target_lprobs = torch.where(target_seen, target_lprobs, target_lprobs + math.log(gamma))
+    # log(s p_y + eps), stable for tiny p.
+    log_numerator = torch.logaddexp(
+        scaled_target_lprobs, torch.full_like(scaled_target_lprobs, log_eps)
+    )
+    normaliser = gamma * (1.0 - seen_mass) + seen_mass + vocab * eps
+    loss = normaliser.log() - log_numerator
+    aux = {
+        "context_probs": context_probs,
+        "seen_mass": seen_mass,
+        "normaliser": normaliser,
+        # s p_y / (s p_y + eps): the weight of the target term in the gradient
+        "target_weight": (scaled_target_lprobs - log_numerator).exp(),
+    }
+    return loss, aux
 
 
 def scalegrad_loss(
@@ -130,31 +181,10 @@ def scalegrad_loss(
         (safe_target.unsqueeze(2), safe_target.unsqueeze(1).expand(batch, time, time)), dim=2
     )
     gathered = lprobs.gather(2, index)
-    target_lprobs = gathered[:, :, 0]
-    context_lprobs = gathered[:, :, 1:]
-
-    # Position j counts in the context of t when j < t, j is valid and y[j]
-    # has not occurred earlier in the row (each distinct seen token once).
-    first = first_occurrence_mask(safe_target, valid)
-    earlier = torch.ones(time, time, dtype=torch.bool, device=target.device).tril(-1)
-    in_context = earlier.unsqueeze(0) & first.unsqueeze(1)
-    seen_mass = context_lprobs.exp().masked_fill(~in_context, 0.0).sum(dim=2)
-
-    # Is y[t] already seen, i.e. does it occur at a valid position j < t?
-    same = (safe_target.unsqueeze(2) == safe_target.unsqueeze(1)) & earlier.unsqueeze(0)
-    if valid is not None:
-        same &= valid.unsqueeze(1)
-    target_seen = same.any(dim=2)
-
-    log_gamma = math.log(gamma)
-    log_eps = math.log(eps) if eps > 0 else -math.inf
-    scaled_target_lprobs = torch.where(target_seen, target_lprobs, target_lprobs + log_gamma)
-    # log(p * s + eps), stable for tiny p.
-    log_numerator = torch.logaddexp(
-        scaled_target_lprobs, torch.full_like(scaled_target_lprobs, log_eps)
+    in_context, target_seen = novelty_masks(safe_target, valid)
+    losses, _ = scalegrad_terms(
+        gathered[:, :, 0], gathered[:, :, 1:], in_context, target_seen, gamma, eps, vocab
     )
-    normaliser = gamma * (1.0 - seen_mass) + seen_mass + vocab * eps
-    losses = normaliser.log() - log_numerator
     if valid is not None:
         losses = losses.masked_fill(~valid, 0.0)
     if reduction == "none":

@@ -1,0 +1,147 @@
+"""The ScaleGrad loss straight from hidden states, without the full logits.
+
+For long sequences and big vocabularies the ``(batch, time, vocab)`` logits (and
+their gradient) dominate a training step's memory. Given the final hidden states
+and the output embedding, :func:`fused_linear_scalegrad_loss` computes the loss
+in chunks of positions: each chunk's logits are made, turned into the loss and
+its analytic gradient, multiplied back into gradients for the hidden states and
+the embedding, and dropped (the approach of fused linear cross-entropy
+kernels). Positions are independent given the targets, so chunking is exact.
+
+Gradient of one position's loss with respect to its logits ``z``, with ``p``
+the softmax, ``S`` the seen tokens, ``P = p(S)``, ``Z`` the normaliser and
+``a = s p_y / (s p_y + eps)``::
+
+    dL/dz_k = p_k * (a - (1 - gamma) P / Z) + p_k (1 - gamma) / Z [k in S] - a [k = y]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import check_gamma, novelty_masks, scalegrad_terms
+
+__all__ = ["fused_linear_scalegrad_loss"]
+
+
+class _FusedLinearScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, valid, gamma, eps, chunk_size):
+        batch, time, dim = hidden.shape
+        vocab = weight.shape[0]
+        compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        flat_hidden = hidden.reshape(batch * time, dim)
+        flat_target = target.reshape(-1)
+        in_context_all, target_seen_all = novelty_masks(target, valid)
+        row_of = torch.arange(batch, device=target.device).repeat_interleave(time)
+
+        needs_grad = ctx.needs_input_grad
+        grad_hidden = torch.zeros_like(flat_hidden) if needs_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if needs_grad[1] else None
+        grad_bias = (
+            torch.zeros(vocab, dtype=compute_dtype, device=weight.device)
+            if bias is not None and needs_grad[2] else None
+        )
+        total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        flat_valid = valid.reshape(-1) if valid is not None else None
+
+        for start in range(0, batch * time, chunk_size):
+            stop = min(start + chunk_size, batch * time)
+            h = flat_hidden[start:stop]
+            logits = h @ weight.t()
+            if bias is not None:
+                logits = logits + bias
+            logits = logits.to(compute_dtype)
+            lse = logits.logsumexp(dim=1, keepdim=True)
+            y = flat_target[start:stop]
+            rows = row_of[start:stop]
+            positions = torch.arange(start, stop, device=target.device) % time
+            context_ids = target[rows]  # (chunk, time)
+            in_context = in_context_all[rows, positions]
+            target_seen = target_seen_all[rows, positions]
+            target_lprobs = logits.gather(1, y[:, None]).squeeze(1) - lse.squeeze(1)
+            context_lprobs = logits.gather(1, context_ids) - lse
+            loss, aux = scalegrad_terms(
+                target_lprobs, context_lprobs, in_context, target_seen, gamma, eps, vocab
+            )
+            chunk_valid = flat_valid[start:stop] if flat_valid is not None else None
+            if chunk_valid is not None:
+                loss = loss.masked_fill(~chunk_valid, 0.0)
+            total += loss.sum()
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
+                continue
+
+            # The analytic gradient with respect to this chunk's logits, in place.
+            probs = logits.sub_(lse).exp_()
+            context_weight = (1.0 - gamma) / aux["normaliser"]
+            target_weight = aux["target_weight"]
+            common = target_weight - context_weight * aux["seen_mass"]
+            if chunk_valid is not None:
+                keep = chunk_valid.to(probs.dtype)
+                common, context_weight, target_weight = common * keep, context_weight * keep, target_weight * keep
+            grad_logits = probs.mul_(common[:, None])
+            grad_logits.scatter_add_(1, context_ids, aux["context_probs"] * context_weight[:, None])
+            grad_logits.scatter_add_(1, y[:, None], -target_weight[:, None])
+
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(grad_hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ h.to(compute_dtype)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+
+        ctx.save_for_backward(
+            grad_hidden.view(batch, time, dim) if grad_hidden is not None else None,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_output
+        return (
+            grad_hidden * scale if grad_hidden is not None else None,
+            grad_weight * scale if grad_weight is not None else None,
+            grad_bias * scale if grad_bias is not None else None,
+            None, None, None, None, None,
+        )
+
+
+def fused_linear_scalegrad_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    eps: float = 1e-8,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Summed ScaleGrad loss of ``logits = hidden @ weight.T (+ bias)``, equal in
+    value and gradients to ``scalegrad_loss(logits, target, gamma, ...)``, with
+    at most ``chunk_size`` positions' logits in memory at a time.
+
+    ``hidden`` is ``(batch, time, dim)``, ``weight`` ``(vocab, dim)`` (GPT-2's
+    ``lm_head.weight``), ``target`` ``(batch, time)``. Gradients flow to
+    ``hidden``, ``weight`` and ``bias``; the gradients are computed during the
+    forward pass, so call ``backward`` on the result (or on a scalar multiple
+    of it) once.
+    """
+    gamma = check_gamma(gamma)
+    if hidden.dim() != 3 or target.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"expected hidden (batch, time, dim) and target (batch, time), got "
+            f"{tuple(hidden.shape)} and {tuple(target.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    target = target.long()
+    if ignore_index is not None:
+        valid = target != ignore_index
+        target = target.masked_fill(~valid, 0)
+    else:
+        valid = None
+    return _FusedLinearScaleGrad.apply(hidden, weight, bias, target, valid, gamma, eps, chunk_size)
