@@ -8,18 +8,15 @@ its analytic gradient, multiplied back into gradients for the hidden states and
 the embedding, and dropped (the approach of fused linear cross-entropy
 kernels). Positions are independent given the targets, so chunking is exact.
 
-Gradient of one position's loss with respect to its logits ``z``, with ``p``
-the softmax, ``S`` the seen tokens, ``P = p(S)``, ``Z`` the normaliser and
-``a = s p_y / (s p_y + eps)``::
-
-    dL/dz_k = p_k * (a - (1 - gamma) P / Z) + p_k (1 - gamma) / Z [k in S] - a [k = y]
+The gradient with respect to each chunk's logits is the closed form of
+:mod:`scalegrad.losses` (``scalegrad_logit_grad_``), shared with the plain loss.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .losses import check_gamma, novelty_masks, scalegrad_terms
+from .losses import check_gamma, novelty_masks, scalegrad_logit_grad_, scalegrad_terms
 
 __all__ = ["fused_linear_scalegrad_loss"]
 
@@ -71,18 +68,14 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
 
-            # The analytic gradient with respect to this chunk's logits, in place.
-            probs = logits.sub_(lse).exp_()
-            context_weight = (1.0 - gamma) / aux["normaliser"]
-            target_weight = aux["target_weight"]
-            common = target_weight - context_weight * aux["seen_mass"]
-            if chunk_valid is not None:
-                keep = chunk_valid.to(probs.dtype)
-                common, context_weight, target_weight = common * keep, context_weight * keep, target_weight * keep
-            grad_logits = probs.mul_(common[:, None])
-            grad_logits.scatter_add_(1, context_ids, aux["context_probs"] * context_weight[:, None])
-            grad_logits.scatter_add_(1, y[:, None], -target_weight[:, None])
-
+            # The closed-form gradient with respect to this chunk's logits, in place.
+            position_weight = (
+                chunk_valid.to(logits.dtype) if chunk_valid is not None
+                else torch.ones_like(loss)
+            )
+            grad_logits = scalegrad_logit_grad_(
+                logits.sub_(lse).exp_(), context_ids, y, aux, gamma, position_weight
+            )
             if grad_hidden is not None:
                 grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(grad_hidden.dtype)
             if grad_weight is not None:

@@ -13,9 +13,18 @@ needs them: with ``S_t`` the set of distinct tokens already seen,
 
     Z_t = gamma * (1 - P_t) + P_t + V * eps,   P_t = sum_{v in S_t} p_t(v),
 
-and ``P_t`` is a gather of at most ``t`` log-probabilities per position. So the
-loss costs one log-softmax (as cross-entropy does) plus a ``(batch, time, time)``
-gather; the extra memory over cross-entropy is O(batch x time x time).
+and ``P_t`` is a gather of at most ``t`` log-probabilities per position. The
+gradient with respect to the logits ``z`` has a closed form too (with ``p`` the
+softmax, ``a = s p_y / (s p_y + eps)``)::
+
+    dL/dz_k = p_k (a - (1 - gamma) P / Z) + p_k (1 - gamma) / Z [k in S] - a [k = y]
+
+so :func:`scalegrad_loss` is an autograd function: a fused log-softmax
+forward, kept (as cross-entropy keeps it) with ``(batch, time, time)``
+coefficients, and a backward that turns it into the gradient in place (an
+exponential and one scaling pass). Cross-entropy through autograd allocates two
+more dense tensors in its backward pass. For memory beyond that, see
+:mod:`scalegrad.fused`.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["scalegrad_loss", "check_gamma", "first_occurrence_mask", "novelty_masks", "scalegrad_terms"]
+__all__ = [
+    "scalegrad_loss", "check_gamma", "first_occurrence_mask", "novelty_masks",
+    "scalegrad_terms", "scalegrad_logit_grad_",
+]
 
 
 def check_gamma(gamma: float, *, name: str = "gamma") -> float:
@@ -124,6 +135,73 @@ def scalegrad_terms(target_lprobs, context_lprobs, in_context, target_seen, gamm
     return loss, aux
 
 
+def scalegrad_logit_grad_(probs, context_ids, target_ids, aux, gamma, position_weight):
+    """Turn ``probs (..., V)`` into the gradient of ``sum(position_weight * loss)``
+    with respect to the logits, in place, from :func:`scalegrad_terms`' ``aux``.
+
+    ``context_ids (..., K)`` and ``target_ids (...)`` are the ids that were
+    gathered; ``position_weight (...)`` is the incoming gradient per position
+    (zero at ignored positions).
+    """
+    context_weight = (1.0 - gamma) / aux["normaliser"] * position_weight
+    target_weight = aux["target_weight"] * position_weight
+    common = target_weight - context_weight * aux["seen_mass"]
+    grad = probs.mul_(common.unsqueeze(-1))
+    grad.scatter_add_(-1, context_ids, aux["context_probs"] * context_weight.unsqueeze(-1))
+    grad.scatter_add_(-1, target_ids.unsqueeze(-1), -target_weight.unsqueeze(-1))
+    return grad
+
+
+class _ScaleGradLoss(torch.autograd.Function):
+    """Per-position ScaleGrad losses ``(batch, time)`` with the closed-form gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, gamma, eps):
+        batch, time, vocab = logits.shape
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        # One fused log-softmax kernel; its result is kept for the backward
+        # pass (as cross-entropy keeps it), where it becomes the gradient in place.
+        lprobs = torch.log_softmax(logits, dim=-1, dtype=compute_dtype)
+        context_ids = target.unsqueeze(1).expand(batch, time, time)
+        target_lprobs = lprobs.gather(2, target.unsqueeze(2)).squeeze(2)
+        context_lprobs = lprobs.gather(2, context_ids)
+        in_context, target_seen = novelty_masks(target, valid)
+        losses, aux = scalegrad_terms(
+            target_lprobs, context_lprobs, in_context, target_seen, gamma, eps, vocab
+        )
+        if valid is not None:
+            losses = losses.masked_fill(~valid, 0.0)
+        ctx.gamma = gamma
+        ctx.compute_dtype = compute_dtype
+        ctx.has_valid = valid is not None
+        # Kept on ctx, not saved: the backward pass overwrites it in place, which
+        # autograd's saved-tensor version check would refuse.
+        ctx.lprobs = lprobs
+        ctx.save_for_backward(
+            logits, target, aux["context_probs"], aux["seen_mass"], aux["normaliser"],
+            aux["target_weight"], *([valid] if valid is not None else []),
+        )
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        logits, target, context_probs, seen_mass, normaliser, target_weight, *rest = ctx.saved_tensors
+        batch, time, _ = logits.shape
+        if ctx.has_valid:
+            grad_losses = grad_losses.masked_fill(~rest[0], 0.0)
+        if ctx.lprobs is None:  # a second backward (retain_graph=True): it was consumed
+            probs = torch.softmax(logits, dim=-1, dtype=ctx.compute_dtype)
+        else:
+            probs, ctx.lprobs = ctx.lprobs.exp_(), None
+        aux = {"context_probs": context_probs, "seen_mass": seen_mass,
+               "normaliser": normaliser, "target_weight": target_weight}
+        grad = scalegrad_logit_grad_(
+            probs, target.unsqueeze(1).expand(batch, time, time), target, aux, ctx.gamma,
+            grad_losses.to(ctx.compute_dtype),
+        )
+        return grad.to(logits.dtype), None, None, None, None
+
+
 def scalegrad_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -162,31 +240,13 @@ def scalegrad_loss(
             "expected logits (batch, time, vocab) and target (batch, time), got "
             f"{tuple(logits.shape)} and {tuple(target.shape)}"
         )
-    batch, time, vocab = logits.shape
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     target = target.long()
-
     if ignore_index is not None:
         valid = target != ignore_index
-        safe_target = target.masked_fill(~valid, 0)
+        target = target.masked_fill(~valid, 0)
     else:
         valid = None
-        safe_target = target
-
-    lprobs = F.log_softmax(logits, dim=-1, dtype=compute_dtype)
-
-    # One gather for both the targets' and the context tokens' log-probabilities:
-    # index [b, t, 0] = y[b, t]; index [b, t, 1 + j] = y[b, j].
-    index = torch.cat(
-        (safe_target.unsqueeze(2), safe_target.unsqueeze(1).expand(batch, time, time)), dim=2
-    )
-    gathered = lprobs.gather(2, index)
-    in_context, target_seen = novelty_masks(safe_target, valid)
-    losses, _ = scalegrad_terms(
-        gathered[:, :, 0], gathered[:, :, 1:], in_context, target_seen, gamma, eps, vocab
-    )
-    if valid is not None:
-        losses = losses.masked_fill(~valid, 0.0)
+    losses = _ScaleGradLoss.apply(logits, target, valid, gamma, eps)
     if reduction == "none":
         return losses
     return losses.sum()
