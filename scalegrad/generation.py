@@ -1,0 +1,185 @@
+"""Continuing prefixes: greedy, top-k and nucleus (top-p) sampling, batched, with a KV cache.
+
+The original (SPEC section 3) continues a batch of prefixes greedily, or samples
+one prefix at a time after ``top_k_top_p_filtering``. Here both paths work on a
+whole batch: the filter is applied row by row with the same arithmetic as the
+original's one-row function, and sampling draws one token per row with
+``torch.multinomial``. The model's key/value cache is reused, so each step after
+the first feeds only the newest token.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+
+def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                          filter_value: float = -float("inf")) -> torch.Tensor:
+    """Set the logits outside the top-k and/or the nucleus to ``filter_value``.
+
+    ``logits`` is ``(batch, vocab)``; each row gets exactly what the original
+    one-row function gives it:
+
+    - ``top_k > 0``: keep the logits >= the k-th largest (ties with it are kept);
+      ``top_k`` larger than the vocabulary keeps everything.
+    - ``top_p > 0``: sort descending, remove the tokens whose cumulative softmax
+      probability is above ``top_p``, shifted right by one so the first token
+      above the threshold is kept; the most likely token is always kept. Applied
+      after the top-k filter, on what it left.
+
+    Tied logits are ordered by the same ``torch.sort`` call as the original's (on
+    the CPU a row sorts the same alone or in a batch; which tie survives at the
+    nucleus edge is otherwise unspecified, as in the original). The input is not
+    modified; a new tensor is returned.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"expected logits of shape (batch, vocab), got {tuple(logits.shape)}")
+    filtered = logits.clone()
+    top_k = min(top_k, logits.size(-1))
+    if top_k > 0:
+        kth_largest = torch.topk(filtered, top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth_largest, filter_value)
+    if top_p > 0.0:
+        sorted_logits, sorted_indices = torch.sort(filtered, dim=-1, descending=True)
+        cumulative_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        sorted_to_remove = cumulative_probs > top_p
+        sorted_to_remove[:, 1:] = sorted_to_remove[:, :-1].clone()
+        sorted_to_remove[:, 0] = False
+        to_remove = torch.zeros_like(sorted_to_remove).scatter(1, sorted_indices, sorted_to_remove)
+        filtered = filtered.masked_fill(to_remove, filter_value)
+    return filtered
+
+
+def is_greedy(top_k: int, top_p: float) -> bool:
+    """The original's rule: greedy exactly when ``top_k == 1 and top_p == 0``."""
+    return top_k == 1 and top_p == 0
+
+
+def generate_continuations(model, prefixes: torch.Tensor, continuation_length: int, *,
+                           top_k: int = 1, top_p: float = 0.0, batch_size: int | None = None,
+                           generator: torch.Generator | None = None,
+                           progress: bool = False) -> torch.Tensor:
+    """Continue every prefix by ``continuation_length`` tokens.
+
+    ``prefixes`` is a ``(B, P)`` LongTensor (all prefixes the same length, so no
+    attention mask is needed). Greedy (argmax) when ``top_k == 1 and top_p == 0``,
+    otherwise :func:`top_k_top_p_filtering`, softmax and ``torch.multinomial``
+    with ``generator`` (when the generator lives on another device than the model,
+    the probabilities are moved to the generator's device to draw). Rows are processed in sub-batches of
+    ``batch_size`` (``None``: all at once); the result does not depend on it for
+    greedy decoding. Runs under ``torch.inference_mode()`` on the model's device,
+    with the model in eval mode (its previous mode is restored).
+
+    Returns ``(B, P + continuation_length)`` int64 on the device of ``prefixes``:
+    each prefix followed by its continuation.
+    """
+    if prefixes.dim() != 2:
+        raise ValueError(f"expected prefixes of shape (batch, prefix_length), got {tuple(prefixes.shape)}")
+    if prefixes.dtype.is_floating_point or prefixes.dtype == torch.bool:
+        raise ValueError(f"expected integer token ids, got {prefixes.dtype}")
+    if continuation_length < 0:
+        raise UserError(f"continuation length must be >= 0, got {continuation_length}")
+    if top_k < 0:
+        raise UserError(f"top-k must be >= 0, got {top_k}")
+    if not 0.0 <= top_p <= 1.0 or math.isnan(top_p):
+        raise UserError(f"top-p must be between 0 and 1, got {top_p}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"generation batch size must be >= 1, got {batch_size}")
+    if prefixes.size(1) < 1:
+        raise UserError("prefixes must hold at least one token")
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    total_length = prefixes.size(1) + continuation_length
+    if isinstance(max_positions, int) and total_length > max_positions:
+        raise UserError(f"prefix length {prefixes.size(1)} + continuation length "
+                        f"{continuation_length} = {total_length} exceeds the model's "
+                        f"{max_positions} positions; shorten one of them")
+
+    num_rows = prefixes.size(0)
+    if num_rows == 0 or continuation_length == 0:
+        return prefixes.to(torch.int64).clone()
+    step = num_rows if batch_size is None else batch_size
+    device = _model_device(model)
+    was_training = model.training
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=-(-num_rows // step) * continuation_length, desc="Generating", unit="tok")
+    try:
+        model.eval()
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, num_rows, step):
+                batch = prefixes[start:start + step].to(device=device, dtype=torch.int64)
+                outputs.append(_continue_batch(model, batch, continuation_length, top_k, top_p,
+                                               generator, bar).to(prefixes.device))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return torch.cat(outputs, dim=0)
+
+
+def _continue_batch(model, prefixes: torch.Tensor, continuation_length: int, top_k: int,
+                    top_p: float, generator: torch.Generator | None, bar) -> torch.Tensor:
+    greedy = is_greedy(top_k, top_p)
+    # transformers renamed the cache argument and output field from
+    # ``past_key_values`` to ``cache`` (5.2x); use whichever this model takes.
+    cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"
+    # Only the last position's logits are needed: skip the (P, V) projection of
+    # the prefix in the first step where the model allows it.
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    tokens = [prefixes]
+    next_input = prefixes
+    cache = None
+    for _ in range(continuation_length):
+        output = model(input_ids=next_input, use_cache=True, **{cache_argument: cache}, **extra)
+        logits = output.logits[:, -1, :]
+        cache = _returned_cache(output)
+        if greedy:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            filtered = top_k_top_p_filtering(logits.float(), top_k=top_k, top_p=top_p)
+            probs = F.softmax(filtered, dim=-1)
+            next_token = _multinomial(probs, generator)
+        tokens.append(next_token)
+        next_input = next_token
+        if bar is not None:
+            bar.update(1)
+    return torch.cat(tokens, dim=1)
+
+
+def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+    sample = torch.multinomial(probs.to(generator.device), num_samples=1, generator=generator)
+    return sample.to(probs.device)
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _accepts(model, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _returned_cache(output):
+    keys = output.keys()
+    for key in ("cache", "past_key_values"):
+        if key in keys:
+            return output[key]
+    raise RuntimeError("the model returned no key/value cache although use_cache=True was passed")
