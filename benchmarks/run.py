@@ -56,8 +56,11 @@ def timed(fn, device, reps, warmup=1):
     return statistics.median(times)
 
 
-def peak_memory_cuda(fn, device):
-    fn()  # warm-up: allocator caches, cuBLAS workspaces
+def peak_memory_cuda(fn, device, reset):
+    """Peak bytes that ``fn()`` adds; ``reset()`` frees the gradients first so
+    that the measured call does not start by freeing and reusing them."""
+    fn()  # warm-up: allocator caches, cuBLAS workspaces, optimizer state
+    reset()
     sync(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -133,7 +136,8 @@ def bench_losses(shapes, device, reps, include_dense=True):
         mems = {}
         for name in times:
             if device.type == "cuda":
-                mems[name] = peak_memory_cuda(loss_step(name, logits, target), device)
+                mems[name] = peak_memory_cuda(loss_step(name, logits, target), device,
+                                              lambda: setattr(logits, "grad", None))
             else:
                 mems[name] = peak_memory_cpu_subprocess(f"loss:{name}", shape, [])
         del logits, target
@@ -209,12 +213,54 @@ def bench_fused_memory(cfg, device):
             model = gpt2_model(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab"], cfg["time"] + 1, device)
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
             batch = torch.randint(0, 500, (cfg["batch"], cfg["time"] + 1)).to(device)
-            mems[obj] = peak_memory_cuda(train_step_fn(model, optimizer, batch, obj), device)
+            mems[obj] = peak_memory_cuda(train_step_fn(model, optimizer, batch, obj), device,
+                                         lambda: optimizer.zero_grad(set_to_none=True))
             del model, optimizer
         else:
             mems[obj] = peak_memory_cpu_subprocess(f"step:{obj}", shape, [])
     row = {"config": cfg, "peak_bytes": mems, "fused_vs_plain": mems["fused"] / mems["scalegrad"]}
     print(f"[fused] {cfg}: peak memory x{row['fused_vs_plain']:.3f} of the plain ScaleGrad step", flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------- #
+# 3. eval-completion: batched vs one chunk (6 prefixes) at a time
+# --------------------------------------------------------------------------- #
+
+def bench_completion(cfg, device, reps):
+    from scalegrad.data import make_prefixes
+    from scalegrad.generation import generate_continuations
+
+    model = gpt2_model(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab"],
+                       cfg["prefix"] + cfg["continuation"], device).eval()
+    g = torch.Generator().manual_seed(2)
+    chunks = torch.randint(0, min(cfg["vocab"], 500), (cfg["chunks"], 301), generator=g)
+    prefixes = make_prefixes(chunks, cfg["prefix"]).to(device)
+    per_chunk = prefixes.shape[0] // cfg["chunks"]
+    outputs = {}
+
+    def one_chunk_at_a_time():
+        outputs["loop"] = torch.cat([
+            generate_continuations(model, prefixes[i:i + per_chunk], cfg["continuation"])
+            for i in range(0, prefixes.shape[0], per_chunk)])
+
+    def batched():
+        outputs["batched"] = generate_continuations(model, prefixes, cfg["continuation"],
+                                                    batch_size=cfg["batch_size"])
+
+    times = {"one_chunk": timed(one_chunk_at_a_time, device, reps),
+             "batched": timed(batched, device, reps)}
+    tokens = prefixes.shape[0] * cfg["continuation"]
+    row = {
+        "config": cfg,
+        "description": f"{cfg['n_layer']}L/{cfg['n_embd']}d, {prefixes.shape[0]} prefixes of {cfg['prefix']} "
+                       f"+ {cfg['continuation']}, batch {cfg['batch_size']}",
+        "tokens_per_second": {k: tokens / v for k, v in times.items()},
+        "speedup": times["one_chunk"] / times["batched"],
+        "identical": bool(torch.equal(outputs["loop"], outputs["batched"])),
+    }
+    print(f"[completion] {row['description']}: batched x{row['speedup']:.2f} tokens/s, "
+          f"identical outputs: {row['identical']}", flush=True)
     return row
 
 
@@ -233,7 +279,13 @@ def memory_case(case, shape):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
         data = torch.randint(0, 500, (batch, time_ + 1))
         fn = train_step_fn(model, optimizer, data, name)
-    fn()  # warm-up: gradients and optimizer state allocated once, as in training
+    fn()  # warm-up: optimizer state allocated once, as in training
+    # Free the gradients now, so that the measured call starts without them
+    # (it would free them first and reuse their pages).
+    if kind == "loss":
+        logits.grad = None
+    else:
+        optimizer.zero_grad(set_to_none=True)
     before = _proc_status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -318,6 +370,16 @@ def main(argv=None):
         train_cfg = dict(n_layer=4, n_embd=768, n_head=12, vocab=50257, batch=1, time=300)
         fused_cfg = dict(n_layer=1, n_embd=256, n_head=4, vocab=50257, batch=4, time=1024)
 
+    if args.quick:
+        completion_cfg = dict(n_layer=2, n_embd=64, n_head=2, vocab=5000, chunks=4, prefix=50,
+                              continuation=20, batch_size=24)
+    elif cuda:
+        completion_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, chunks=50, prefix=50,
+                              continuation=100, batch_size=300)
+    else:
+        completion_cfg = dict(n_layer=4, n_embd=256, n_head=4, vocab=50257, chunks=16, prefix=50,
+                              continuation=100, batch_size=96)
+
     results = {
         "machine": machine_description(device),
         "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -329,6 +391,8 @@ def main(argv=None):
         results["train_step"] = [bench_train_step(train_cfg, device, reps)]
     if "fused" in only:
         results["fused_memory"] = [bench_fused_memory(fused_cfg, device)]
+    if "completion" in only:
+        results["completion"] = [bench_completion(completion_cfg, device, max(1, reps // 2))]
 
     out_dir = ROOT / "benchmarks" / "results"
     name = args.name or ("quick" if args.quick else device.type)
