@@ -54,6 +54,17 @@ def _previous_windows(targets: torch.Tensor, context_length: int) -> torch.Tenso
     return padded.unfold(0, context_length, 1)[: targets.numel()]
 
 
+def _repeat_counts(predictions, targets, context_length):
+    """``(repeat, wrong_repeat, human_repeat)`` as 0-d tensors (see repeat_at_1)."""
+    windows = _previous_windows(targets, context_length)
+    pred_in_window = (windows == predictions.unsqueeze(1)).any(dim=1)
+    return (
+        pred_in_window.sum(),
+        (pred_in_window & (predictions != targets)).sum(),
+        (windows == targets.unsqueeze(1)).any(dim=1).sum(),
+    )
+
+
 @torch.no_grad()
 def repeat_at_1(logits: torch.Tensor, targets: torch.Tensor, context_length: int) -> tuple[int, int, int]:
     """Counts ``(repeat, wrong_repeat, human_repeat)`` over the positions of one
@@ -64,16 +75,7 @@ def repeat_at_1(logits: torch.Tensor, targets: torch.Tensor, context_length: int
     ``(T, T)`` construction, with an ``(T, l)`` window instead.
     """
     targets = targets.reshape(-1)
-    predictions = logits.argmax(dim=-1)
-    windows = _previous_windows(targets, context_length)
-    pred_in_window = (windows == predictions.unsqueeze(1)).any(dim=1)
-    wrong = predictions != targets
-    target_in_window = (windows == targets.unsqueeze(1)).any(dim=1)
-    return (
-        int(pred_in_window.sum()),
-        int((pred_in_window & wrong).sum()),
-        int(target_in_window.sum()),
-    )
+    return tuple(int(c) for c in _repeat_counts(logits.argmax(dim=-1), targets, context_length))
 
 
 @torch.no_grad()
@@ -96,18 +98,29 @@ def ranking_metrics(
     logits = logits.reshape(targets.numel(), -1)
     true_logits = logits.gather(1, targets.unsqueeze(1))
     higher = (logits > true_logits).sum(dim=1)
+    predictions = logits.argmax(dim=-1)
+    counts = [
+        higher.sum(),
+        (higher == 0).sum(),
+        (higher < 10).sum(),
+        higher.median() if higher.numel() else higher.new_zeros(()),
+    ]
+    for length in context_lengths:
+        counts += _repeat_counts(predictions, targets, length)
+    # One device-to-host copy for all the counts.
+    values = [float(v) for v in torch.stack(counts).tolist()]
     out = {
-        "target_rank": float(higher.sum()),
-        "hits_at_1": float((higher == 0).sum()),
-        "hits_at_10": float((higher < 10).sum()),
-        "median_target_rank": float(higher.median()) if higher.numel() else 0.0,
+        "target_rank": values[0],
+        "hits_at_1": values[1],
+        "hits_at_10": values[2],
+        "median_target_rank": values[3],
         "normalizer": float(targets.numel() if ntokens is None else ntokens),
     }
-    for length in context_lengths:
-        rep, wrong_rep, human_rep = repeat_at_1(logits, targets, length)
-        out[f"repeat_at_1/{length}"] = float(rep)
-        out[f"wrong_repeat_at_1/{length}"] = float(wrong_rep)
-        out[f"human_repeat_at_1/{length}"] = float(human_rep)
+    for i, length in enumerate(context_lengths):
+        rep, wrong_rep, human_rep = values[4 + 3 * i: 7 + 3 * i]
+        out[f"repeat_at_1/{length}"] = rep
+        out[f"wrong_repeat_at_1/{length}"] = wrong_rep
+        out[f"human_repeat_at_1/{length}"] = human_rep
     return out
 
 
