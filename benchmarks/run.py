@@ -264,6 +264,38 @@ def bench_completion(cfg, device, reps):
     return row
 
 
+# --------------------------------------------------------------------------- #
+# 4. eval-singletoken: all metrics vs a bare forward pass
+# --------------------------------------------------------------------------- #
+
+def bench_singletoken(cfg, device, reps):
+    from scalegrad.gpt2.evaluate import eval_singletoken
+    from scalegrad.gpt2.runtime import Runtime
+
+    model = gpt2_model(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab"], cfg["time"], device).eval()
+    g = torch.Generator().manual_seed(3)
+    chunks = torch.randint(0, min(cfg["vocab"], 500), (cfg["chunks"], cfg["time"] + 1), generator=g)
+    runtime = Runtime(device=device, progress=False)
+
+    @torch.no_grad()
+    def bare_forward():
+        for chunk in chunks:
+            model(input_ids=chunk[:-1].unsqueeze(0).to(device)).logits.float()
+
+    def all_metrics():
+        eval_singletoken(model, chunks, runtime)
+
+    times = {"bare_forward": timed(bare_forward, device, reps), "all_metrics": timed(all_metrics, device, reps)}
+    row = {
+        "config": cfg,
+        "description": f"{cfg['n_layer']}L/{cfg['n_embd']}d, {cfg['chunks']} chunks of {cfg['time']}, V={cfg['vocab']}",
+        "seconds": times,
+        "overhead": times["all_metrics"] / times["bare_forward"],
+    }
+    print(f"[singletoken] {row['description']}: all metrics x{row['overhead']:.3f} of a bare forward", flush=True)
+    return row
+
+
 def memory_case(case, shape):
     """Child process of peak_memory_cpu_subprocess: prints the peak bytes that
     one call adds over the resident set size before it (Linux: VmHWM is reset
@@ -380,6 +412,13 @@ def main(argv=None):
         completion_cfg = dict(n_layer=4, n_embd=256, n_head=4, vocab=50257, chunks=16, prefix=50,
                               continuation=100, batch_size=96)
 
+    if args.quick:
+        singletoken_cfg = dict(n_layer=2, n_embd=64, n_head=2, vocab=5000, chunks=3, time=128)
+    elif cuda:
+        singletoken_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, chunks=20, time=1024)
+    else:
+        singletoken_cfg = dict(n_layer=4, n_embd=768, n_head=12, vocab=50257, chunks=4, time=1024)
+
     results = {
         "machine": machine_description(device),
         "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -393,6 +432,8 @@ def main(argv=None):
         results["fused_memory"] = [bench_fused_memory(fused_cfg, device)]
     if "completion" in only:
         results["completion"] = [bench_completion(completion_cfg, device, max(1, reps // 2))]
+    if "singletoken" in only:
+        results["singletoken"] = [bench_singletoken(singletoken_cfg, device, max(1, reps // 2))]
 
     out_dir = ROOT / "benchmarks" / "results"
     name = args.name or ("quick" if args.quick else device.type)
