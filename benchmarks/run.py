@@ -406,8 +406,8 @@ def main(argv=None):
         completion_cfg = dict(n_layer=2, n_embd=64, n_head=2, vocab=5000, chunks=4, prefix=50,
                               continuation=20, batch_size=24)
     elif cuda:
-        completion_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, chunks=50, prefix=50,
-                              continuation=100, batch_size=300)
+        completion_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, chunks=20, prefix=50,
+                              continuation=100, batch_size=120)
     else:
         completion_cfg = dict(n_layer=4, n_embd=256, n_head=4, vocab=50257, chunks=16, prefix=50,
                               continuation=100, batch_size=96)
@@ -436,7 +436,15 @@ def main(argv=None):
         results["singletoken"] = [bench_singletoken(singletoken_cfg, device, max(1, reps // 2))]
 
     out_dir = ROOT / "benchmarks" / "results"
-    name = args.name or ("quick" if args.quick else device.type)
+    if args.name:
+        name = args.name
+    elif args.quick:
+        name = "quick"
+    elif cuda:
+        import re
+        name = "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    else:
+        name = "cpu"
     from scalegrad.io import atomic_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
