@@ -14,7 +14,7 @@ dev = torch.device("cuda")
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     logits = torch.randn(2, 300, 50257).to(dtype)
     target = torch.randint(0, 500, (2, 300)); target[1, -20:] = 7
-    ref_logits = logits.float().requires_grad_()
+    ref_logits = logits.float().clone().requires_grad_()
     ref = scalegrad_loss(ref_logits, target, 0.2, ignore_index=7); ref.backward()
     x = logits.to(dev).requires_grad_()
     out = scalegrad_loss(x, target.to(dev), 0.2, ignore_index=7); out.backward()
