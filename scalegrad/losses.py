@@ -57,31 +57,22 @@ def check_gamma(gamma: float, *, name: str = "gamma") -> float:
     return gamma
 
 
+def _earlier_occurrence(target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``(batch, time)`` bool: ``y[t]`` occurs at a valid position ``j < t``."""
+    time = target.shape[1]
+    earlier = torch.ones(time, time, dtype=torch.bool, device=target.device).tril_(-1)
+    previous = (target.unsqueeze(2) == target.unsqueeze(1)) & earlier
+    if valid is not None:
+        previous &= valid.unsqueeze(1)
+    return previous.any(dim=2)
+
+
 def first_occurrence_mask(target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """``(batch, time)`` bool: True where ``target[b, j]`` is the first valid
     occurrence of its id in row ``b`` (positions where ``valid`` is False are
-    never first occurrences and never hide later ones).
-
-    Sorting each row by (id, position) puts equal ids next to each other, so a
-    position is a first occurrence when its sorted predecessor has another id.
-    """
-    batch, time = target.shape
-    if time == 0:
-        return torch.zeros_like(target, dtype=torch.bool)
-    key = target.clone()
-    if valid is not None:
-        # Invalid positions get ids below every real id, so they sort first and
-        # group with each other only.
-        key = torch.where(valid, key, torch.full_like(key, torch.iinfo(key.dtype).min))
-    # A stable sort keeps equal ids in order of position.
-    sorted_ids, order = torch.sort(key, dim=1, stable=True)
-    is_first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
-    is_first_sorted[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    first = torch.empty_like(is_first_sorted)
-    first.scatter_(1, order, is_first_sorted)
-    if valid is not None:
-        first &= valid
-    return first
+    never first occurrences and never hide later ones)."""
+    first = ~_earlier_occurrence(target, valid)
+    return first & valid if valid is not None else first
 
 
 def novelty_masks(target: torch.Tensor, valid: torch.Tensor | None):
@@ -94,13 +85,10 @@ def novelty_masks(target: torch.Tensor, valid: torch.Tensor | None):
     ``target_seen (batch, time)``: ``y[t]`` occurs at a valid ``j < t``.
     """
     time = target.shape[1]
-    first = first_occurrence_mask(target, valid)
-    earlier = torch.ones(time, time, dtype=torch.bool, device=target.device).tril(-1)
-    in_context = earlier.unsqueeze(0) & first.unsqueeze(1)
-    same = (target.unsqueeze(2) == target.unsqueeze(1)) & earlier.unsqueeze(0)
-    if valid is not None:
-        same &= valid.unsqueeze(1)
-    return in_context, same.any(dim=2)
+    target_seen = _earlier_occurrence(target, valid)
+    first = ~target_seen if valid is None else ~target_seen & valid
+    earlier = torch.ones(time, time, dtype=torch.bool, device=target.device).tril_(-1)
+    return earlier & first.unsqueeze(1), target_seen
 
 
 def scalegrad_terms(target_lprobs, context_lprobs, in_context, target_seen, gamma, eps, vocab):
