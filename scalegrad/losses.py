@@ -29,6 +29,7 @@ more dense tensors in its backward pass. For memory beyond that, see
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -51,10 +52,14 @@ def check_gamma(gamma: float, *, name: str = "gamma") -> float:
             f"maximum likelihood), got {gamma}"
         )
     if gamma > 1:
-        logger.warning(
-            "%s=%g > 1 penalises novel tokens instead of favouring them", name, gamma
-        )
+        _warn_gamma_above_one(name, gamma)
     return gamma
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_gamma_above_one(name: str, gamma: float) -> None:
+    """Warn once per value, not at every training step."""
+    logger.warning("%s=%g > 1 penalises novel tokens instead of favouring them", name, gamma)
 
 
 def _earlier_occurrence(target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
