@@ -44,7 +44,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=7", "hypothesis>=6"],
+        # accelerate: what transformers.Trainer needs (the Trainer route and its test)
+        "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1"],
     },
     entry_points={
         "console_scripts": [],

@@ -28,6 +28,7 @@ __all__ = [
     "ngram_metrics",
     "NgramMetrics",
     "split_words",
+    "clean_up_tokenization",
     "text_continuation_words",
     "CompletionMetrics",
 ]
@@ -219,9 +220,24 @@ def split_words(text: str) -> list[str]:
     return WORD_RE.findall(text)
 
 
+def clean_up_tokenization(text: str) -> str:
+    """The clean-up of English tokenization artifacts that pytorch-transformers
+    (2019) applied in ``decode``: no space before ``. ? ! ,``, joined
+    contractions, and ``" do not"`` turned into ``" don't"``. transformers 5
+    ignores ``clean_up_tokenization_spaces`` for BPE tokenizers, so it is done
+    here, explicitly, to decode as the original did."""
+    for dirty, clean in _CLEAN_UP:
+        text = text.replace(dirty, clean)
+    return text
+
+
+_CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
+
+
 def _decode(tokenizer, ids: Sequence[int]) -> str:
-    # The original (pytorch-transformers) cleaned up spaces around punctuation.
-    return tokenizer.decode(list(ids), clean_up_tokenization_spaces=True)
+    """Decode as the original (pytorch-transformers, clean-up on) did."""
+    return clean_up_tokenization(tokenizer.decode(list(ids), clean_up_tokenization_spaces=False))
 
 
 def text_continuation_words(tokenizer, completion: Sequence[int], prefix_length: int) -> list[str]:

@@ -125,6 +125,19 @@ def test_text_continuation_and_completion_metrics(tiny_tokenizer_dir):
     # The second continuation has <= 3 words and is skipped in the word view.
     assert report["word_metrics"]["word_test/pct_repeat_4grams"] == pytest.approx(
         round(dense_pct_repeat(words, 4), 4))
-    pieces = set(tok.decode(continuation).split(" ")) | set(tok.decode(tok.encode(" x")).split(" "))
+    pieces = set(tok.decode(continuation).split(" ")) | {"", "x"}
     assert report["uniq"] == len(pieces)
     assert report["completions"][0] == tok.decode(completion)
+
+
+def test_decoding_cleans_up_as_pytorch_transformers(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from scalegrad.metrics import clean_up_tokenization
+
+    assert clean_up_tokenization("I do not know , it 's here . Why ?") == "I don't know, it's here. Why?"
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    metrics = CompletionMetrics(tok, 1)
+    ids = tok.encode("The end . It is")
+    metrics.update([ids])
+    assert metrics.report("valid")["completions"] == ["The end. It is"]
