@@ -2,7 +2,8 @@
 
 Reads the JSON result files that ``scripts/run_gpt2.py`` and
 ``scripts/evaluate_fairseq.py`` write (``singletoken__{model}__spl_{split}__bsz_{n}[_{step}].json``
-and ``completion__{model}__spl_{split}__topk_{k}__topp_{p}__pfl_{l}__cnl_{c}.json``)
+and ``completion__{model}__spl_{split}__topk_{k}__topp_{p}__pfl_{l}__cnl_{c}.json``, to which
+``evaluate_fairseq.py`` adds ``__beam_{B}__ngb_{N}`` for beam search)
 and builds one row per run and decoding setting with the columns of the
 original report: ``seq-rep-1, seq-rep-4, uniq-seq, ppl, acc, rep, wrep, uniq``.
 """
@@ -24,7 +25,7 @@ SINGLETOKEN_RE = re.compile(
     r"^singletoken__(?P<model>.+?)__spl_(?P<split>[^_]+)__bsz_(?P<bsz>\d+)(?:_(?P<step>\d+))?\.json$")
 COMPLETION_RE = re.compile(
     r"^completion__(?P<model>.+?)__spl_(?P<split>[^_]+)__topk_(?P<topk>[^_]+)__topp_(?P<topp>[^_]+)"
-    r"__pfl_(?P<pfl>\d+)__cnl_(?P<cnl>\d+)\.json$")
+    r"__pfl_(?P<pfl>\d+)__cnl_(?P<cnl>\d+)(?:__beam_(?P<beam>\d+)__ngb_(?P<ngb>\d+))?\.json$")
 
 
 @dataclass
@@ -43,7 +44,10 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read result file {path}: {exc}") from None
 
 
-def _decoding_name(topk: str, topp: str) -> str:
+def _decoding_name(topk: str, topp: str, beam: str | None = None, ngram_block: str | None = None) -> str:
+    if beam is not None and int(beam) > 1:  # evaluate_fairseq.py's beam search
+        block = f", {ngram_block}-gram block" if ngram_block and int(ngram_block) > 0 else ""
+        return f"beam {beam}{block}"
     if float(topp) == 0 and int(float(topk)) == 1:
         return "greedy"
     parts = []
@@ -102,7 +106,7 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
         keys_done = set()
         for m, result in completions:
             key = (m["model"], m["split"])
-            row = Row(run_name, m["model"], m["split"], _decoding_name(m["topk"], m["topp"]))
+            row = Row(run_name, m["model"], m["split"], _decoding_name(m["topk"], m["topp"], m["beam"], m["ngb"]))
             row.values.update(completion_values(result, m["split"], view))
             if key in singletoken:
                 row.values.update(singletoken_values(singletoken[key]))
