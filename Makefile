@@ -1,12 +1,17 @@
 # The README's Quickstart. Each target sets up .venv/ first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench
+.PHONY: setup demo demo-fairseq test bench
 setup:
 	bash scripts/setup_env.sh
 
+# Offline MLE-versus-ScaleGrad demo with a report and plots (configs/demo.yaml).
 demo: setup
-	bash scripts/demo.sh
+	$(PY) scripts/demo.py
+
+# The fairseq route: fairseq-train --criterion scalegrad on the same corpus.
+demo-fairseq: setup
+	bash scripts/demo_fairseq.sh
 
 test: setup
 	$(PY) -m pytest -q
