@@ -22,6 +22,7 @@ __all__ = [
     "REPEAT_CONTEXT_LENGTHS",
     "RANKING_METRIC_NAMES",
     "ranking_metrics",
+    "ranking_metrics_from_ranks",
     "repeat_at_1",
     "aggregate_ranking_metrics",
     "token_level_summary",
@@ -99,7 +100,24 @@ def ranking_metrics(
     logits = logits.reshape(targets.numel(), -1)
     true_logits = logits.gather(1, targets.unsqueeze(1))
     higher = (logits > true_logits).sum(dim=1)
-    predictions = logits.argmax(dim=-1)
+    return ranking_metrics_from_ranks(higher, logits.argmax(dim=-1), targets, ntokens=ntokens,
+                                      context_lengths=context_lengths)
+
+
+@torch.no_grad()
+def ranking_metrics_from_ranks(
+    higher: torch.Tensor,
+    predictions: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ntokens: int | None = None,
+    context_lengths: Sequence[int] = REPEAT_CONTEXT_LENGTHS,
+) -> dict:
+    """:func:`ranking_metrics` from what it needs of the logits: per position
+    the count of logits strictly above the target's (``higher``) and the
+    argmax (``predictions``), so a caller can compute them chunk by chunk
+    without the full ``(T, V)`` logits."""
+    targets = targets.reshape(-1)
     counts = [
         higher.sum(),
         (higher == 0).sum(),
