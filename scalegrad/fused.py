@@ -15,10 +15,11 @@ The gradient with respect to each chunk's logits is the closed form of
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .losses import check_gamma, novelty_masks, scalegrad_logit_grad_, scalegrad_terms
 
-__all__ = ["fused_linear_scalegrad_loss"]
+__all__ = ["fused_linear_scalegrad_loss", "chunked_logit_statistics"]
 
 
 class _FusedLinearScaleGrad(torch.autograd.Function):
@@ -137,4 +138,44 @@ def fused_linear_scalegrad_loss(
         target = target.masked_fill(~valid, 0)
     else:
         valid = None
+    if not torch.is_grad_enabled():  # no gradient work under torch.no_grad()
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     return _FusedLinearScaleGrad.apply(hidden, weight, bias, target, valid, gamma, eps, chunk_size)
+
+
+@torch.no_grad()
+def chunked_logit_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias,
+                             target: torch.Tensor, chunk_size: int, *, nll: bool = True,
+                             ranks: bool = True) -> dict:
+    """Per position of ``hidden (..., H)`` and ``target (...)`` (valid ids): from
+    ``logits = hidden @ weight.T + bias``, made ``chunk_size`` positions at a time
+    without gradients and compared in float32 (as the plain path's ``logits.float()``),
+
+    - ``nll``: ``logsumexp(logits) - logits[target]`` (natural log);
+    - ``higher``: how many logits are strictly greater than the target's;
+    - ``predictions``: the argmax.
+
+    With ``higher`` and ``predictions``, :func:`scalegrad.metrics.ranking_metrics_from_ranks`
+    gives the token-level metrics. Under autocast the matmul runs in the autocast
+    dtype, as the plain path's head. The full logits never exist; the cost is one
+    more forward matmul of the head.
+    """
+    flat_hidden = hidden.detach().reshape(-1, hidden.size(-1))
+    flat_target = target.reshape(-1).long()
+    parts: dict[str, list] = {"nll": [], "higher": [], "predictions": []}
+    for start in range(0, flat_target.numel(), chunk_size):
+        logits = F.linear(flat_hidden[start:start + chunk_size], weight, bias).float()
+        true_logits = logits.gather(1, flat_target[start:start + chunk_size].unsqueeze(1))
+        if nll:
+            parts["nll"].append(logits.logsumexp(dim=1) - true_logits.squeeze(1))
+        if ranks:
+            parts["higher"].append((logits > true_logits).sum(dim=1))
+            parts["predictions"].append(logits.argmax(dim=1))
+    out = {}
+    for key, wanted in (("nll", nll), ("higher", ranks), ("predictions", ranks)):
+        if wanted:
+            empty_dtype = torch.float32 if key == "nll" else torch.long
+            out[key] = torch.cat(parts[key]) if parts[key] else flat_target.new_zeros(
+                0, dtype=empty_dtype)
+    return out

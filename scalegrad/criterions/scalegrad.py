@@ -1,6 +1,17 @@
 """``scalegrad``: the ScaleGrad objective (Lin, Han and Joty, ICML 2021) as a
-fairseq criterion, for any task whose samples have targets."""
+fairseq criterion, for any task whose samples have targets.
 
+``--fused-loss`` computes the loss from the final hidden states and the output
+embedding (:func:`scalegrad.fused.fused_linear_scalegrad_loss`), a chunk of
+positions at a time, so the ``(batch, time, vocab)`` logits never exist at once.
+Only ``--arch gpt2_pretrained`` allows it (and only when its Hugging Face model's
+logits are the hidden states times the output embedding, checked once on the
+first batch); with any other model the criterion logs one warning and uses the
+full logits, as without the option. The criterion cannot see the model when it
+is built, so this is decided at the first batch rather than at build time.
+"""
+
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -12,8 +23,11 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
+from ..fused import chunked_logit_statistics, fused_linear_scalegrad_loss
 from ..losses import check_gamma, scalegrad_loss
+from ..metrics import ranking_metrics_from_ranks
 from .token_metrics import (
+    MEDIAN_COUNT,
     TOKEN_METRIC_KEYS,
     TokenMetricsSchedule,
     model_scores,
@@ -42,7 +56,35 @@ class ScaleGradCriterionConfig(FairseqDataclass):
             "step (always in validation; 0: only in validation)"
         },
     )
+    fused_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "compute the loss from the final hidden states and the output embedding, "
+            "--fused-chunk-size positions at a time, without the full (batch, time, vocab) "
+            "logits (the same loss and gradients). Only --arch gpt2_pretrained allows it; "
+            "with another model the criterion warns once and uses the logits. nll_loss and "
+            "the token metrics come from logits remade chunk by chunk without gradients"
+        },
+    )
+    fused_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "positions whose logits --fused-loss makes at a time"},
+    )
     sentence_avg: bool = II("optimization.sentence_avg")
+
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model):
+    """The fairseq model inside distributed wrappers (DDP, ModuleProxyWrapper)."""
+    from fairseq.models import BaseFairseqModel
+
+    while not isinstance(model, BaseFairseqModel) and isinstance(
+        getattr(model, "module", None), torch.nn.Module
+    ):
+        model = model.module
+    return model
 
 
 @register_criterion("scalegrad", dataclass=ScaleGradCriterionConfig)
@@ -57,16 +99,48 @@ class ScaleGradCriterion(FairseqCriterion):
     """
 
     def __init__(self, task, gamma=0.2, sg_eps=1e-8, compute_metrics_interval=250,
-                 sentence_avg=False):
+                 fused_loss=False, fused_chunk_size=1024, sentence_avg=False):
         super().__init__(task)
         self.gamma = check_gamma(gamma, name="--gamma (criterion.gamma)")
         if not (math.isfinite(sg_eps) and sg_eps >= 0):
             raise ValueError(f"--sg-eps (criterion.sg_eps) must be a number >= 0, got {sg_eps}")
         self.eps = float(sg_eps)
+        if int(fused_chunk_size) < 1:
+            raise ValueError(f"--fused-chunk-size (criterion.fused_chunk_size) must be at least "
+                             f"1, got {fused_chunk_size}")
+        self.fused_loss = bool(fused_loss)
+        self.fused_chunk_size = int(fused_chunk_size)
+        self._fused_model = None   # the model the fused path was checked for ...
+        self._fused_allowed = False  # ... and whether it allows it
         self.sentence_avg = sentence_avg
         self.metrics_schedule = TokenMetricsSchedule(compute_metrics_interval)
 
+    def _fused_model_of(self, model, sample):
+        """The (unwrapped) ``gpt2_pretrained`` model when ``--fused-loss`` applies to
+        ``model``, else None (with one warning per model)."""
+        inner = _unwrap(model)
+        if inner is not self._fused_model:
+            from ..models.gpt2_pretrained import GPT2PretrainedModel
+
+            reason = None
+            if not isinstance(inner, GPT2PretrainedModel):
+                reason = f"the model is {type(inner).__name__}, not --arch gpt2_pretrained"
+            else:
+                try:
+                    inner.check_output_projection(sample["net_input"]["src_tokens"][:1, :16])
+                except ValueError as exc:
+                    reason = f"its Hugging Face model does not allow it: {exc}"
+            if reason is not None:
+                logger.warning("--fused-loss (criterion.fused_loss) ignored: %s; the loss is "
+                               "computed from the full logits", reason)
+            self._fused_model, self._fused_allowed = inner, reason is None
+        return inner if self._fused_allowed else None
+
     def forward(self, model, sample, reduce=True, compute_metrics: Optional[bool] = None):
+        if self.fused_loss:
+            inner = self._fused_model_of(model, sample)
+            if inner is not None:
+                return self._fused_forward(model, inner, sample, compute_metrics)
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)
         scores = model_scores(model, net_output)
@@ -90,6 +164,48 @@ class ScaleGradCriterion(FairseqCriterion):
                 compute=self.metrics_schedule(model, compute_metrics),
             )
         )
+        return loss, sample_size, logging_output
+
+    def _fused_forward(self, model, inner, sample, compute_metrics):
+        """``forward`` with ``--fused-loss``: the loss from the hidden states, ``nll_loss``
+        and the token metrics from logits remade chunk by chunk without gradients."""
+
+        # Through the model's (wrapper's) forward, so DDP sees the pass.
+        hidden, _ = model(**sample["net_input"], features_only=True)
+        target = sample["target"]
+        weight, bias = inner.output_projection()
+        if not torch.is_grad_enabled():
+            # Validation: the fused loss computes gradients for every input that requires
+            # them, grad mode or not; detached, it skips that work.
+            weight = weight.detach()
+            bias = bias.detach() if bias is not None else None
+        loss = fused_linear_scalegrad_loss(
+            hidden, weight, target, self.gamma, bias=bias, ignore_index=self.padding_idx,
+            eps=self.eps, chunk_size=self.fused_chunk_size,
+        )
+        compute = self.metrics_schedule(model, compute_metrics)
+        valid = target != self.padding_idx
+        stats = chunked_logit_statistics(
+            hidden, weight, bias, target.masked_fill(~valid, 0), self.fused_chunk_size,
+            ranks=compute,
+        )
+        keep = valid.reshape(-1)
+        nll_loss = stats["nll"].masked_fill(~keep, 0.0).sum()
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll_loss,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        # As token_metrics_logging: the batch as one flat sequence, padding left out.
+        metrics_output = {key: 0.0 for key in TOKEN_METRIC_KEYS}
+        if compute and bool(keep.any()):
+            metrics_output.update(ranking_metrics_from_ranks(
+                stats["higher"][keep], stats["predictions"][keep], target.reshape(-1)[keep]))
+            metrics_output[MEDIAN_COUNT] = 1.0
+        logging_output.update(metrics_output)
         return loss, sample_size, logging_output
 
     def nll(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

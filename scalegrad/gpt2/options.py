@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop training after this many steps in a row with a NaN or infinite loss "
              "(each one is skipped)")
     add("--no-progress", action="store_true", help="no progress bars")
+    add("--fused-loss", action="store_true",
+        help="compute the token-level training loss from the final hidden states and the "
+             "output embedding, --fused-chunk-size positions at a time, so the (time x vocab) "
+             "logits of a chunk never exist at once (scalegrad.fused; the same loss and "
+             "gradients). Needs a model whose logits are its last hidden state times the "
+             "output embedding (GPT-2-like: no logit scaling or soft-capping); the training "
+             "metrics come from logits remade chunk by chunk without gradients. Sequence-level "
+             "steps (--sequence-tune-rate) and evaluation use the full logits as before")
+    add("--fused-chunk-size", type=int, default=1024,
+        help="positions whose logits --fused-loss makes at a time")
 
     # ---- options that change a quirk of the original (off: the original's behaviour) ----
     add("--enable-dropout", action="store_true",
@@ -278,6 +288,8 @@ def check_args(args: argparse.Namespace) -> None:
         _require(args.completion_batch_size >= 1,
                  f"--completion-batch-size must be at least 1, got {args.completion_batch_size}")
     _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 exclude each other; pick one")
+    _require(args.fused_chunk_size >= 1,
+             f"--fused-chunk-size must be at least 1, got {args.fused_chunk_size}")
     if args.resume:
         _require(args.mode == "train", "--resume only applies to --mode train")
 

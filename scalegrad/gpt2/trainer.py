@@ -5,7 +5,9 @@ torchrun; ``--gradient-accumulation-steps`` chunks per update when given), drawn
 a random order that is drawn again every epoch. Each step:
 
 1. the ScaleGrad loss of the chunk (:func:`scalegrad.losses.scalegrad_loss`, divided by
-   the number of input tokens), or, with probability ``--sequence-tune-rate``, the
+   the number of input tokens; with ``--fused-loss``
+   :func:`scalegrad.fused.fused_linear_scalegrad_loss` from the final hidden states, see
+   :func:`fused_token_loss`), or, with probability ``--sequence-tune-rate``, the
    sequence-level unlikelihood loss of greedy continuations of its prefixes (SPEC 7);
 2. backward, optimizer and schedule step (a step whose loss is not finite is skipped);
 3. every ``--report-metrics-every`` steps of the epoch: the aggregated training metrics;
@@ -35,9 +37,10 @@ import torch.nn.functional as F
 
 from ..data import load_chunks, make_prefixes
 from ..errors import UserError
+from ..fused import chunked_logit_statistics, fused_linear_scalegrad_loss
 from ..generation import is_greedy, top_k_top_p_filtering
 from ..losses import scalegrad_loss
-from ..metrics import aggregate_ranking_metrics, ngram_metrics
+from ..metrics import aggregate_ranking_metrics, ngram_metrics, ranking_metrics_from_ranks
 from ..unlikelihood import ngram_repeat_mask, sequence_penalty_loss
 from . import checkpoint
 from .evaluate import (chunk_logging_output, eval_singletoken, model_config_dict,
@@ -61,6 +64,118 @@ def token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime):
     loss = scalegrad_loss(logits, target, gamma)  # float32 whatever the autocast dtype
     ntokens = inp.numel()
     logging_output = chunk_logging_output(logits[0].detach().float(), target[0], loss.item())
+    return loss / ntokens, logging_output
+
+
+# --------------------------------------------------------------------------- #
+# The memory-lean loss (--fused-loss)
+# --------------------------------------------------------------------------- #
+
+def linear_head(model):
+    """``(base_model, head)`` of a Hugging Face causal LM: the model without its LM
+    head (``model.base_model``, i.e. ``getattr(model, model.base_model_prefix)``;
+    ``model.transformer`` for GPT-2) and its output embedding, an ``nn.Linear``.
+
+    Raises ``ValueError`` (saying why) when the model has no such parts. Whether
+    the logits really are ``head(base_model(...).last_hidden_state)`` is
+    :func:`check_linear_head`'s business.
+    """
+    model = unwrap(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"its output embedding is {type(head).__name__}, not a linear layer")
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    if not isinstance(base, torch.nn.Module) or base is model:
+        raise ValueError("it has no base model (the model without its LM head) to take the "
+                         "hidden states from")
+    return base, head
+
+
+@torch.no_grad()
+def check_linear_head(model, input_ids: torch.Tensor):
+    """Check on ``input_ids`` (``(1, n)``, a few tokens) that the model's logits are
+    ``base_model(...).last_hidden_state @ head.weight.T (+ head.bias)``: no scaling,
+    soft-capping or other step after the head, and the head's input is the base
+    model's last hidden state. Returns :func:`linear_head`'s ``(base, head)``;
+    raises ``ValueError`` saying what differs.
+
+    The head's output is replaced, through a forward hook, by random values
+    spread over [-50, 50] (from a generator of its own: the global random state
+    is untouched); the model's logits must be exactly those values. Runs in
+    evaluation mode (no dropout), then restores the mode.
+    """
+    base, head = linear_head(model)
+    model = unwrap(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def probe(module, inputs, output):
+        generator = torch.Generator().manual_seed(0)
+        values = torch.rand(output.shape, generator=generator, dtype=torch.float32) * 100 - 50
+        captured["input"] = inputs[0].detach()
+        captured["output"] = values.to(device=output.device, dtype=output.dtype)
+        return captured["output"]
+
+    was_training = model.training
+    model.eval()
+    handle = head.register_forward_hook(probe)
+    try:
+        try:
+            logits = model(input_ids=input_ids).logits
+        finally:
+            handle.remove()
+        hidden = base(input_ids=input_ids).last_hidden_state
+    except (AttributeError, TypeError) as exc:
+        raise ValueError(f"its forward pass does not give logits and last hidden states as "
+                         f"Hugging Face causal LMs do ({exc})") from None
+    finally:
+        model.train(was_training)
+    if "output" not in captured:
+        raise ValueError("its forward pass does not call its output embedding")
+    if logits.shape != captured["output"].shape or not torch.equal(
+            logits.float(), captured["output"].float()):
+        raise ValueError("its logits are not the output embedding's output (the forward pass "
+                         "transforms them: scaling or soft-capping, say)")
+    if hidden.shape != captured["input"].shape or not torch.allclose(
+            hidden.float(), captured["input"].float(), rtol=1e-5, atol=1e-6):
+        raise ValueError("the output embedding's input is not the base model's last hidden "
+                         "state")
+    return base, head
+
+
+def fused_token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime, chunk_size: int):
+    """:func:`token_loss` with ``--fused-loss``: the same ``(loss / n, logging_output)``,
+    the loss computed from the base model's last hidden state and the output
+    embedding by :func:`scalegrad.fused.fused_linear_scalegrad_loss`, at most
+    ``chunk_size`` positions' logits at a time (its gradients are computed in this
+    forward pass; ``backward`` applies them).
+
+    The ranking metrics of the logging output come from logits remade chunk by
+    chunk under ``torch.no_grad()`` (:func:`chunked_logit_statistics`). Under
+    ``--fp16/--bf16`` the base model and the head's matmuls run in autocast as in
+    the plain path; the loss itself is float32.
+
+    ``model`` may be wrapped in DistributedDataParallel: the base model is called
+    directly, bypassing the wrapper, so the caller averages the gradients by hand.
+    """
+    base, head = linear_head(model)
+    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+    with runtime.autocast():
+        hidden = base(input_ids=inp).last_hidden_state
+        loss = fused_linear_scalegrad_loss(hidden, head.weight, target, gamma, bias=head.bias,
+                                           chunk_size=chunk_size)
+        stats = chunked_logit_statistics(hidden, head.weight, head.bias, target, chunk_size,
+                                         nll=False)
+    ntokens = inp.numel()
+    # As chunk_logging_output builds it from the logits.
+    logging_output = ranking_metrics_from_ranks(stats["higher"], stats["predictions"], target[0],
+                                                ntokens=ntokens)
+    logging_output["loss"] = loss.item()
+    logging_output["normalizer"] = ntokens
+    logging_output["sample_size"] = ntokens
+    logging_output["ntokens"] = ntokens
     return loss / ntokens, logging_output
 
 
@@ -123,6 +238,18 @@ def sequence_loss(model, chunk: torch.Tensor, args, runtime: Runtime):
             sums[key] += value
     logging_output.update(sums)
     return loss / ntokens, logging_output
+
+
+def check_fused_model(model, input_ids: torch.Tensor, name: str) -> None:
+    """``--fused-loss`` needs :func:`check_linear_head` to pass: else a UserError."""
+    try:
+        check_linear_head(model, input_ids)
+    except ValueError as exc:
+        raise UserError(
+            f"--fused-loss needs a model whose logits are its last hidden state times the output "
+            f"embedding (GPT-2-like heads, no logit scaling or soft-capping); the model {name} "
+            f"({type(unwrap(model)).__name__}) does not qualify: {exc}. Drop --fused-loss"
+        ) from None
 
 
 def aggregate_sequence_logging_outputs(logging_outputs: list[dict]) -> dict:
@@ -305,6 +432,9 @@ class Trainer:
                                            args.batch_size_singletoken, vocab_size)
 
         self.model = model.to(device)
+        if args.fused_loss:
+            check_fused_model(self.model, self.train_chunks[0][:16].unsqueeze(0).to(device),
+                              args.model_load_dir or args.model_name)
         self.model.train(args.enable_dropout)
         self.ddp_model = self.model
         if runtime.distributed:
@@ -428,14 +558,19 @@ class Trainer:
             chunk = self.train_chunks[index].to(runtime.device)
             sequence_step = (args.sequence_tune_rate > 0 and
                              torch.rand(1, generator=self.decision_rng).item() < args.sequence_tune_rate)
+            fused_step = args.fused_loss and not sequence_step
             # DDP syncs gradients in the backward of the last token-level step; the
-            # sequence-level step runs several forward passes, so it never syncs
-            # through DDP and the gradients are averaged by hand instead.
-            sync = ddp and micro == last and not sequence_step
+            # sequence-level step runs several forward passes, and the fused step calls
+            # the base model past the DDP wrapper, so they never sync through DDP and
+            # the gradients are averaged by hand instead.
+            sync = ddp and micro == last and not sequence_step and not fused_step
             context = contextlib.nullcontext() if (sync or not ddp) else self.ddp_model.no_sync()
             with context:
                 if sequence_step:
                     loss, log = sequence_loss(self.ddp_model, chunk, args, runtime)
+                elif fused_step:
+                    loss, log = fused_token_loss(self.model, chunk, args.gamma, runtime,
+                                                 args.fused_chunk_size)
                 else:
                     loss, log = token_loss(self.ddp_model, chunk, args.gamma, runtime)
                 if runtime.any_rank(not torch.isfinite(loss).item()):

@@ -164,6 +164,23 @@ class GPT2PretrainedModel(FairseqLanguageModel):
         """The wrapped Hugging Face model (``GPT2LMHeadModel``)."""
         return self.decoder.model
 
+    def output_projection(self):
+        """``(weight, bias)`` of the output embedding (``bias`` is None for GPT-2): for
+        a GPT-2-like head the logits are ``features @ weight.T (+ bias)``, with
+        ``features`` the final hidden states that ``model(src_tokens,
+        features_only=True)[0]`` returns (``ScaleGradCriterion``'s ``--fused-loss``).
+        :meth:`check_output_projection` checks that this holds for the wrapped model."""
+        head = self.hf_model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    def check_output_projection(self, src_tokens: Tensor) -> None:
+        """Raise ``ValueError`` (saying why) unless the logits are the final hidden states
+        times the output embedding on ``src_tokens`` (a few tokens suffice); see
+        :func:`scalegrad.gpt2.trainer.check_linear_head`."""
+        from ..gpt2.trainer import check_linear_head
+
+        check_linear_head(self.hf_model, self.decoder._real_ids(src_tokens))
+
 
 class GPT2PretrainedDecoder(FairseqIncrementalDecoder):
     def __init__(self, dictionary, hf_model):
