@@ -417,7 +417,7 @@ def main(argv=None):
     elif cuda:
         singletoken_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, chunks=20, time=1024)
     else:
-        singletoken_cfg = dict(n_layer=4, n_embd=768, n_head=12, vocab=50257, chunks=4, time=1024)
+        singletoken_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, chunks=2, time=1024)
 
     results = {
         "machine": machine_description(device),

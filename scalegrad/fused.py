@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import check_gamma, novelty_masks, scalegrad_logit_grad_, scalegrad_terms
+from .metrics import token_statistics
 
 __all__ = ["fused_linear_scalegrad_loss", "chunked_logit_statistics"]
 
@@ -112,7 +113,7 @@ def fused_linear_scalegrad_loss(
     bias: torch.Tensor | None = None,
     ignore_index: int | None = None,
     eps: float = 1e-8,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
     """Summed ScaleGrad loss of ``logits = hidden @ weight.T (+ bias)``, equal in
     value and gradients to ``scalegrad_loss(logits, target, gamma, ...)``, with
@@ -166,16 +167,10 @@ def chunked_logit_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias,
     parts: dict[str, list] = {"nll": [], "higher": [], "predictions": []}
     for start in range(0, flat_target.numel(), chunk_size):
         logits = F.linear(flat_hidden[start:start + chunk_size], weight, bias).float()
-        true_logits = logits.gather(1, flat_target[start:start + chunk_size].unsqueeze(1))
-        if nll:
-            parts["nll"].append(logits.logsumexp(dim=1) - true_logits.squeeze(1))
-        if ranks:
-            parts["higher"].append((logits > true_logits).sum(dim=1))
-            parts["predictions"].append(logits.argmax(dim=1))
-    out = {}
-    for key, wanted in (("nll", nll), ("higher", ranks), ("predictions", ranks)):
-        if wanted:
-            empty_dtype = torch.float32 if key == "nll" else torch.long
-            out[key] = torch.cat(parts[key]) if parts[key] else flat_target.new_zeros(
-                0, dtype=empty_dtype)
-    return out
+        stats = token_statistics(logits, flat_target[start:start + chunk_size], nll=nll, ranks=ranks)
+        for key, value in stats.items():
+            parts[key].append(value)
+    empty = {"nll": flat_target.new_zeros(0, dtype=torch.float32), "higher": flat_target.new_zeros(0),
+             "predictions": flat_target.new_zeros(0)}
+    return {key: torch.cat(values) if values else empty[key]
+            for key, values in parts.items() if values or (nll if key == "nll" else ranks)}

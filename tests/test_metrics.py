@@ -141,3 +141,19 @@ def test_decoding_cleans_up_as_pytorch_transformers(tiny_tokenizer_dir):
     ids = tok.encode("The end . It is")
     metrics.update([ids])
     assert metrics.report("valid")["completions"] == ["The end. It is"]
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 256, 10_000])
+def test_token_statistics_blocks_equal_whole_tensor(block_size):
+    from scalegrad.metrics import token_statistics
+
+    g = torch.Generator().manual_seed(block_size)
+    logits = torch.randn(300, 40, generator=g)
+    logits[::3, 5] = logits[::3, 6]  # ties
+    targets = torch.randint(0, 40, (300,), generator=g)
+    stats = token_statistics(logits, targets, block_size=block_size)
+    torch.testing.assert_close(stats["nll"], torch.nn.functional.cross_entropy(logits, targets, reduction="none"))
+    assert torch.equal(stats["higher"], (logits > logits.gather(1, targets[:, None])).sum(1))
+    assert torch.equal(stats["predictions"], logits.argmax(1))
+    assert set(token_statistics(logits, targets, nll=False)) == {"higher", "predictions"}
+    assert set(token_statistics(logits, targets, ranks=False)) == {"nll"}

@@ -67,7 +67,7 @@ class ScaleGradCriterionConfig(FairseqDataclass):
         },
     )
     fused_chunk_size: int = field(
-        default=1024,
+        default=256,
         metadata={"help": "positions whose logits --fused-loss makes at a time"},
     )
     sentence_avg: bool = II("optimization.sentence_avg")
@@ -99,7 +99,7 @@ class ScaleGradCriterion(FairseqCriterion):
     """
 
     def __init__(self, task, gamma=0.2, sg_eps=1e-8, compute_metrics_interval=250,
-                 fused_loss=False, fused_chunk_size=1024, sentence_avg=False):
+                 fused_loss=False, fused_chunk_size=256, sentence_avg=False):
         super().__init__(task)
         self.gamma = check_gamma(gamma, name="--gamma (criterion.gamma)")
         if not (math.isfinite(sg_eps) and sg_eps >= 0):

@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..data import make_prefixes
 from ..generation import generate_continuations, is_greedy
 from ..io import write_json
-from ..metrics import CompletionMetrics, aggregate_ranking_metrics, ranking_metrics
+from ..metrics import (CompletionMetrics, aggregate_ranking_metrics, ranking_metrics,
+                       ranking_metrics_from_ranks, token_statistics)
 from .options import result_model_name
 from .runtime import Runtime, unwrap
 
@@ -70,8 +70,18 @@ def write_completion_result(directory, args, report: dict, config: dict) -> Path
 
 def chunk_logging_output(logits: torch.Tensor, target: torch.Tensor, loss_sum: float) -> dict:
     """One chunk's summed metrics, as the original's per-chunk ``logging_output``."""
+    return _with_counts(ranking_metrics(logits, target, ntokens=target.numel()), target, loss_sum)
+
+
+def statistics_logging_output(stats: dict, target: torch.Tensor) -> dict:
+    """:func:`chunk_logging_output` from :func:`scalegrad.metrics.token_statistics`."""
+    output = ranking_metrics_from_ranks(stats["higher"], stats["predictions"], target,
+                                        ntokens=target.numel())
+    return _with_counts(output, target, stats["nll"].sum().item())
+
+
+def _with_counts(output: dict, target: torch.Tensor, loss_sum: float) -> dict:
     ntokens = target.numel()
-    output = ranking_metrics(logits, target, ntokens=ntokens)
     output["loss"] = loss_sum
     output["normalizer"] = ntokens
     output["sample_size"] = ntokens
@@ -104,15 +114,13 @@ def eval_singletoken(model, chunks: torch.Tensor, runtime: Runtime, *, desc: str
             inp, target = chunk[:-1].unsqueeze(0), chunk[1:]
             with runtime.autocast():
                 logits = model(input_ids=inp).logits[0]
-            logits = logits.float()
-            lprobs = F.log_softmax(logits, dim=-1)
-            loss_sum = F.nll_loss(lprobs, target, reduction="sum").item()
-            logging_outputs.append(chunk_logging_output(logits, target, loss_sum))
+            stats = token_statistics(logits.float(), target)
+            logging_outputs.append(statistics_logging_output(stats, target))
             if predicted_seen is None:
                 vocab = logits.size(-1)
                 predicted_seen = torch.zeros(vocab, dtype=torch.bool, device=device)
                 target_seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            predicted_seen[lprobs.argmax(dim=-1)] = True
+            predicted_seen[stats["predictions"]] = True
             target_seen[target] = True
             if bar is not None:
                 bar.update(1)

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
              "output embedding (GPT-2-like: no logit scaling or soft-capping); the training "
              "metrics come from logits remade chunk by chunk without gradients. Sequence-level "
              "steps (--sequence-tune-rate) and evaluation use the full logits as before")
-    add("--fused-chunk-size", type=int, default=1024,
+    add("--fused-chunk-size", type=int, default=256,
         help="positions whose logits --fused-loss makes at a time")
 
     # ---- options that change a quirk of the original (off: the original's behaviour) ----
