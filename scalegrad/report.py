@@ -217,6 +217,7 @@ def plot_seq_rep_vs_ppl(rows: list[Row], out_path) -> Path:
     for ppl, rep, label in points:
         ax.scatter([ppl], [rep], s=50)
         ax.annotate(label, (ppl, rep), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.margins(x=0.3, y=0.2)  # room for the labels
     ax.set_xlabel("perplexity (lower is better)")
     ax.set_ylabel("seq-rep-4 (lower is better)")
     ax.set_title("Repetition against perplexity")
