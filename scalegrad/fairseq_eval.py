@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .errors import UserError
 from .io import atomic_path, write_json
@@ -254,8 +253,8 @@ def eval_singletoken(loaded: LoadedCheckpoint, split: str, length: int, *,
     Returns ``(metrics, predictions, targets)``: the GPT-2 driver's aggregated
     metrics, and per chunk the argmax predictions and the targets (ids).
     """
-    from .gpt2.evaluate import chunk_logging_output
-    from .metrics import aggregate_ranking_metrics
+    from .gpt2.evaluate import statistics_logging_output
+    from .metrics import aggregate_ranking_metrics, token_statistics
 
     dataset = chunk_dataset(loaded, split, length)
     model = loaded.model
@@ -266,9 +265,10 @@ def eval_singletoken(loaded: LoadedCheckpoint, split: str, length: int, *,
         net_output = model(**{k: v.to(device) for k, v in sample["net_input"].items()})
         logits = net_output[0][0].float()
         target = sample["target"][0].to(device)
-        loss_sum = F.nll_loss(F.log_softmax(logits, dim=-1), target, reduction="sum").item()
-        logging_outputs.append(chunk_logging_output(logits, target, loss_sum))
-        predictions.append(logits.argmax(dim=-1).tolist())
+        # The GPT-2 driver's computation, so both drivers give the same numbers.
+        stats = token_statistics(logits, target)
+        logging_outputs.append(statistics_logging_output(stats, target))
+        predictions.append(stats["predictions"].tolist())
         targets.append(target.tolist())
         if bar is not None:
             bar.update(1)

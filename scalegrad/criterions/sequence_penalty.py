@@ -50,7 +50,10 @@ SEQUENCE_LOGGING_KEYS = [
 
 
 @dataclass
-class SequencePenaltyConfig(FairseqDataclass):
+class SequenceOptions(FairseqDataclass):
+    """The sequence-level options, shared by this criterion's config and the
+    language_modeling_with_generation task's (fairseq gives both the same flags)."""
+
     sequence_ngram_n: int = field(
         default=1, metadata={"help": "penalise repeats of N-grams of this length"}
     )
@@ -71,6 +74,11 @@ class SequencePenaltyConfig(FairseqDataclass):
         default=False,
         metadata={"help": "also check the last N-gram of each continuation (the original never does)"},
     )
+
+
+@dataclass
+class SequencePenaltyConfig(SequenceOptions):
+    pass
 
 
 def check_sequence_options(ngram_n, prefix_length, completion_length, candidate_type, mask_p):

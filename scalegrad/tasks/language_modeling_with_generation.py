@@ -36,8 +36,8 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
 from ..criterions.sequence_penalty import (
-    SEQUENCE_CANDIDATE_TYPES,
     SEQUENCE_LOGGING_KEYS,
+    SequenceOptions,
     SequencePenaltyCriterion,
 )
 from ..criterions.token_metrics import check_interval
@@ -46,7 +46,7 @@ BASIC_KEYS = ["loss", "ntokens", "nsentences", "sample_size"]
 
 
 @dataclass
-class LanguageModelingWithGenerationConfig(LanguageModelingConfig):
+class LanguageModelingWithGenerationConfig(LanguageModelingConfig, SequenceOptions):
     compute_metrics_interval: int = field(
         default=250,
         metadata={
@@ -65,26 +65,6 @@ class LanguageModelingWithGenerationConfig(LanguageModelingConfig):
             "candidate_penalty_cross_entropy (also accepted here, as the original "
             "task did, so its command lines work with any criterion)"
         },
-    )
-    sequence_ngram_n: int = field(
-        default=1, metadata={"help": "penalise repeats of N-grams of this length"}
-    )
-    sequence_prefix_length: int = field(
-        default=16, metadata={"help": "length of the prefixes cut from the batch"}
-    )
-    sequence_completion_length: int = field(
-        default=48, metadata={"help": "number of tokens generated after each prefix"}
-    )
-    sequence_candidate_type: SEQUENCE_CANDIDATE_TYPES = field(
-        default="repeat",
-        metadata={"help": "penalise repeated N-grams, or a random --mask-p share of the tokens"},
-    )
-    mask_p: float = field(
-        default=0.5, metadata={"help": "share of penalised tokens for the 'random' candidate type"}
-    )
-    sequence_check_last_ngram: bool = field(
-        default=False,
-        metadata={"help": "also check the last N-gram of each continuation (the original never does)"},
     )
 
 
