@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .losses import check_gamma, novelty_masks, scalegrad_logit_grad_, scalegrad_terms
+from .losses import check_gamma, novelty_masks, scalegrad_logit_grad_, scalegrad_terms, split_ignored
 from .metrics import token_statistics
 
 __all__ = ["fused_linear_scalegrad_loss", "chunked_logit_statistics"]
@@ -133,12 +133,7 @@ def fused_linear_scalegrad_loss(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    target = target.long()
-    if ignore_index is not None:
-        valid = target != ignore_index
-        target = target.masked_fill(~valid, 0)
-    else:
-        valid = None
+    target, valid = split_ignored(target, ignore_index)
     if not torch.is_grad_enabled():  # no gradient work under torch.no_grad()
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "scalegrad_loss", "check_gamma", "first_occurrence_mask", "novelty_masks",
-    "scalegrad_terms", "scalegrad_logit_grad_",
+    "scalegrad_terms", "scalegrad_logit_grad_", "split_ignored",
 ]
 
 
@@ -126,6 +126,16 @@ def scalegrad_terms(target_lprobs, context_lprobs, in_context, target_seen, gamm
         "target_weight": (scaled_target_lprobs - log_numerator).exp(),
     }
     return loss, aux
+
+
+def split_ignored(target: torch.Tensor, ignore_index: int | None):
+    """``(safe_target, valid)``: int64 targets with ignored positions set to id 0
+    (so they can index), and the mask of the others (``None`` when nothing is ignored)."""
+    target = target.long()
+    if ignore_index is None:
+        return target, None
+    valid = target != ignore_index
+    return target.masked_fill(~valid, 0), valid
 
 
 def scalegrad_logit_grad_(probs, context_ids, target_ids, aux, gamma, position_weight):
@@ -233,12 +243,7 @@ def scalegrad_loss(
             "expected logits (batch, time, vocab) and target (batch, time), got "
             f"{tuple(logits.shape)} and {tuple(target.shape)}"
         )
-    target = target.long()
-    if ignore_index is not None:
-        valid = target != ignore_index
-        target = target.masked_fill(~valid, 0)
-    else:
-        valid = None
+    target, valid = split_ignored(target, ignore_index)
     losses = _ScaleGradLoss.apply(logits, target, valid, gamma, eps)
     if reduction == "none":
         return losses
