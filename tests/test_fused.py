@@ -42,3 +42,18 @@ def test_float32_without_bias_and_frozen_weight():
     (g_plain,) = torch.autograd.grad(plain, hidden)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+
+
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    """Under torch.no_grad() (validation) the loss is the same and the chunked
+    gradient products are never computed."""
+    from scalegrad import fused
+
+    hidden, weight, bias, target = _case(9)
+    expected = fused_linear_scalegrad_loss(hidden, weight, target, 0.2, bias=bias).detach()
+    calls = []
+    monkeypatch.setattr(fused, "scalegrad_logit_grad_", lambda *a, **k: calls.append(1))
+    with torch.no_grad():
+        value = fused_linear_scalegrad_loss(hidden, weight, target, 0.2, bias=bias)
+    assert calls == [] and value.grad_fn is None
+    torch.testing.assert_close(value, expected)

@@ -173,12 +173,9 @@ class ScaleGradCriterion(FairseqCriterion):
         # Through the model's (wrapper's) forward, so DDP sees the pass.
         hidden, _ = model(**sample["net_input"], features_only=True)
         target = sample["target"]
+        # Under torch.no_grad() (validation) fused_linear_scalegrad_loss skips its
+        # gradient work itself.
         weight, bias = inner.output_projection()
-        if not torch.is_grad_enabled():
-            # Validation: the fused loss computes gradients for every input that requires
-            # them, grad mode or not; detached, it skips that work.
-            weight = weight.detach()
-            bias = bias.detach() if bias is not None else None
         loss = fused_linear_scalegrad_loss(
             hidden, weight, target, self.gamma, bias=bias, ignore_index=self.padding_idx,
             eps=self.eps, chunk_size=self.fused_chunk_size,
