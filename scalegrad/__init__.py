@@ -1,40 +1,76 @@
 """ScaleGrad (Lin, Han and Joty, ICML 2021): a library and a fairseq ``--user-dir`` plugin.
 
-The core (``losses``, ``unlikelihood``, ``metrics``, ``generation``, ``data``,
-``gpt2``) needs only torch, transformers, numpy and nltk. The fairseq criteria,
-tasks and architectures are registered here when fairseq can be imported, so
-``fairseq-train --user-dir scalegrad --criterion scalegrad`` works, and the
-GPT-2 driver still runs where fairseq is not installed.
+The core (``losses``, ``fused``, ``metrics``, ``generation``, ``data``, ``hf``,
+``gpt2``) needs only torch, transformers, numpy and nltk, and importing the
+package imports none of them until a name is used:
+
+    from scalegrad import scalegrad_loss, fused_linear_scalegrad_loss, ScaleGradLoss
+
+The fairseq criteria, tasks and architectures (``scalegrad.fairseq_plugin``) are
+registered when fairseq loads this package (``fairseq-train --user-dir
+scalegrad``, ``fairseq-hydra-train``, a copy in a fairseq checkout: fairseq is
+then already imported), or by an explicit :func:`register_fairseq` in a script
+that imports fairseq itself. Set ``SCALEGRAD_SKIP_FAIRSEQ=1`` to never register.
 
 Imports inside the package are relative, so the same folder works pip-installed,
 as ``--user-dir``, and copied into a fairseq checkout under another name.
 """
 
-import importlib.util
-import logging
+import importlib
 import os
+import sys
 
 __version__ = "0.1.0"
 
-logger = logging.getLogger(__name__)
+# Public names, imported on first use (PEP 562) so that ``import scalegrad`` is cheap.
+_PUBLIC = {
+    "scalegrad_loss": ".losses",
+    "check_gamma": ".losses",
+    "fused_linear_scalegrad_loss": ".fused",
+    "ScaleGradLoss": ".gpt2.hf_trainer",
+    "scalegrad_trainer": ".gpt2.hf_trainer",
+    "ranking_metrics": ".metrics",
+    "aggregate_ranking_metrics": ".metrics",
+    "repeat_at_1": ".metrics",
+    "ngram_metrics": ".metrics",
+    "NgramMetrics": ".metrics",
+    "CompletionMetrics": ".metrics",
+    "candidate_penalty_loss": ".unlikelihood",
+    "sequence_penalty_loss": ".unlikelihood",
+}
 
-FAIRSEQ_AVAILABLE = False
+__all__ = ["__version__", "register_fairseq", "fairseq_registered", *_PUBLIC]
 
 
-def _register_fairseq_components() -> bool:
-    """Import (and so register) the fairseq components if fairseq imports."""
-    if os.environ.get("SCALEGRAD_SKIP_FAIRSEQ") == "1":
-        return False
-    if importlib.util.find_spec("fairseq") is None:
-        return False
-    try:
-        import fairseq  # noqa: F401
-    except Exception as exc:  # a broken fairseq install must not break the core
-        logger.warning("fairseq is installed but does not import (%s); "
-                       "the fairseq criteria and tasks are not registered", exc)
-        return False
-    from . import criterions, models, tasks  # noqa: F401  (registration side effects)
-    return True
+def __getattr__(name):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
-FAIRSEQ_AVAILABLE = _register_fairseq_components()
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+def register_fairseq() -> None:
+    """Register the fairseq criteria, tasks and architectures (idempotent).
+
+    Raises ``ImportError`` when fairseq is not installed (``pip install
+    "scalegrad[fairseq]"``)."""
+    from .fairseq_plugin import register
+
+    register()
+
+
+def fairseq_registered() -> bool:
+    """Have the fairseq components been registered in this process?"""
+    plugin = sys.modules.get(__name__ + ".fairseq_plugin")
+    return bool(plugin is not None and getattr(plugin, "_REGISTERED", False))
+
+
+# fairseq is loading this package (or was imported first): register with it.
+if "fairseq" in sys.modules and os.environ.get("SCALEGRAD_SKIP_FAIRSEQ") != "1":
+    register_fairseq()

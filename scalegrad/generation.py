@@ -10,13 +10,13 @@ the first feeds only the newest token.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .hf import accepts, cache_argument, returned_cache
 
 
 def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
@@ -130,17 +130,17 @@ def _continue_batch(model, prefixes: torch.Tensor, continuation_length: int, top
     greedy = is_greedy(top_k, top_p)
     # transformers renamed the cache argument and output field from
     # ``past_key_values`` to ``cache`` (5.2x); use whichever this model takes.
-    cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"
+    cache_keyword = cache_argument(model)
     # Only the last position's logits are needed: skip the (P, V) projection of
     # the prefix in the first step where the model allows it.
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     tokens = [prefixes]
     next_input = prefixes
     cache = None
     for _ in range(continuation_length):
-        output = model(input_ids=next_input, use_cache=True, **{cache_argument: cache}, **extra)
+        output = model(input_ids=next_input, use_cache=True, **{cache_keyword: cache}, **extra)
         logits = output.logits[:, -1, :]
-        cache = _returned_cache(output)
+        cache = returned_cache(output)
         if greedy:
             next_token = logits.argmax(dim=-1, keepdim=True)
         else:
@@ -168,18 +168,3 @@ def _model_device(model) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
-
-
-def _accepts(model, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _returned_cache(output):
-    keys = output.keys()
-    for key in ("cache", "past_key_values"):
-        if key in keys:
-            return output[key]
-    raise RuntimeError("the model returned no key/value cache although use_cache=True was passed")

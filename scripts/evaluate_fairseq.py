@@ -9,7 +9,7 @@
 
 Result files are named like run_gpt2.py's (``singletoken__*.json``,
 ``completion__*.json``), so ``scripts/report_metrics.py`` reads both; see the README
-(fairseq route). The logic lives in ``scalegrad.fairseq_eval``.
+(fairseq route). The logic lives in ``scalegrad.fairseq_plugin.evaluation``.
 """
 
 import logging
@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scalegrad.errors import UserError  # noqa: E402
-from scalegrad.fairseq_eval import parse_args, run_evaluation  # noqa: E402
+from scalegrad.fairseq_plugin.evaluation import parse_args, run_evaluation  # noqa: E402
 
 
 def main(argv=None) -> int:

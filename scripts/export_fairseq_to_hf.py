@@ -7,7 +7,7 @@
 
 The folder (``save_pretrained``: config, safetensors weights, tokenizer) loads with
 ``AutoModelForCausalLM.from_pretrained`` and gives the fairseq model's logits. No
-fairseq is needed. The logic lives in ``scalegrad.fairseq_eval``.
+fairseq is needed. The logic lives in ``scalegrad.fairseq_plugin.checkpoints``.
 """
 
 import argparse
@@ -18,7 +18,7 @@ os.environ.setdefault("SCALEGRAD_SKIP_FAIRSEQ", "1")  # the export needs no fair
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scalegrad.errors import UserError  # noqa: E402
-from scalegrad.fairseq_eval import export_to_hf  # noqa: E402
+from scalegrad.fairseq_plugin.checkpoints import export_to_hf  # noqa: E402
 
 
 def main(argv=None) -> int:

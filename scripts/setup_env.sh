@@ -60,7 +60,7 @@ fi
 import fairseq, transformers, torch
 from transformers import GPT2LMHeadModel  # noqa: F401
 import scalegrad
-assert scalegrad.FAIRSEQ_AVAILABLE, "fairseq components did not register"
+assert scalegrad.fairseq_registered(), "fairseq components did not register"
 print(f"setup: ok (torch {torch.__version__}, fairseq {fairseq.__version__}, "
       f"transformers {transformers.__version__})")
 PY

@@ -34,19 +34,22 @@ from fairseq.data import Dictionary  # noqa: E402
 from fairseq.data import indexed_dataset  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
+import scalegrad  # noqa: E402
 from scalegrad import data  # noqa: E402
 from scalegrad.errors import UserError  # noqa: E402
-from scalegrad.fairseq_eval import (  # noqa: E402
+from scalegrad.fairseq_plugin.checkpoints import export_to_hf  # noqa: E402
+from scalegrad.fairseq_plugin.evaluation import (  # noqa: E402
     beam_completions,
     completion_prefixes,
-    export_to_hf,
-    hf_config_from_dict,
     load_checkpoint,
     sampled_completions,
 )
+from scalegrad.hf import hf_config_from_dict  # noqa: E402
 from scalegrad.losses import scalegrad_loss  # noqa: E402
 from scalegrad.metrics import ngram_metrics  # noqa: E402
-from scalegrad.tasks.gpt2_language_modeling import greedy_completions  # noqa: E402
+from scalegrad.fairseq_plugin.tasks.gpt2_language_modeling import greedy_completions  # noqa: E402
+
+scalegrad.register_fairseq()
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO / "scalegrad"
@@ -248,7 +251,7 @@ def test_right_padding_never_reaches_the_embedding(built, hf_model):
 def test_incremental_decoding_matches_hf_generation(built):
     _, task, model, _ = built
     prefixes = data.make_prefixes(data.load_chunks(task.args.data, "valid", 64)[:3], P)
-    from scalegrad.criterions.sequence_penalty import greedy_continuation
+    from scalegrad.fairseq_plugin.criterions.sequence_penalty import greedy_continuation
     from scalegrad.generation import generate_continuations
 
     expected = generate_continuations(model.hf_model, prefixes, C)

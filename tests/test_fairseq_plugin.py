@@ -25,10 +25,13 @@ from fairseq import options, tasks  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.logging import metrics as fairseq_metrics  # noqa: E402
 
+import scalegrad  # noqa: E402
 from scalegrad.losses import scalegrad_loss  # noqa: E402
 from scalegrad.metrics import RANKING_METRIC_NAMES, ngram_metrics, ranking_metrics  # noqa: E402
 from scalegrad.unlikelihood import ngram_repeat_mask  # noqa: E402
 from test_unlikelihood import dense_candidate_penalty  # noqa: E402
+
+scalegrad.register_fairseq()
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO / "scalegrad"
@@ -272,7 +275,7 @@ def test_sequence_criterion_matches_incremental_decoding(data_bin):
 def test_cut_prefixes():
     """As many prefixes as src_len // (prefix + completion), row by row from the
     start of the batch; at least one, shorter when the batch is."""
-    from scalegrad.criterions.sequence_penalty import cut_prefixes
+    from scalegrad.fairseq_plugin.criterions.sequence_penalty import cut_prefixes
 
     batch = torch.arange(2 * 64).view(2, 64)
     assert cut_prefixes(batch, 16, 48).tolist() == [list(range(16))]

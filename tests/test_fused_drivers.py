@@ -30,7 +30,8 @@ from scalegrad.gpt2.driver import run
 from scalegrad.gpt2.options import parse_args
 from scalegrad.gpt2.runtime import Runtime
 from scalegrad.fused import chunked_logit_statistics
-from scalegrad.gpt2.trainer import check_fused_model, check_linear_head, fused_token_loss, token_loss
+from scalegrad.gpt2.trainer import check_fused_model, fused_token_loss, token_loss
+from scalegrad.hf import check_linear_head
 from scalegrad.metrics import ranking_metrics, ranking_metrics_from_ranks
 
 REPO = Path(__file__).resolve().parents[1]

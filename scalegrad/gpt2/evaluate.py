@@ -20,7 +20,8 @@ from ..io import write_json
 from ..metrics import (CompletionMetrics, aggregate_ranking_metrics, ranking_metrics,
                        ranking_metrics_from_ranks, token_statistics)
 from .options import result_model_name
-from .runtime import Runtime, unwrap
+from ..hf import unwrap
+from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -248,8 +248,3 @@ def check_positions(model, name: str, length: int) -> None:
     if isinstance(positions, int) and length > positions:
         raise UserError(f"{name} {length} is longer than the model's {positions} positions; "
                         f"use a smaller value")
-
-
-def unwrap(model):
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model

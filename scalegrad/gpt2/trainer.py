@@ -24,7 +24,6 @@ SIGINT or SIGTERM ends the run after the current step with a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import signal
@@ -39,6 +38,7 @@ from ..data import load_chunks, make_prefixes
 from ..errors import UserError
 from ..fused import chunked_logit_statistics, fused_linear_scalegrad_loss
 from ..generation import is_greedy, top_k_top_p_filtering
+from ..hf import accepts, cache_argument, check_linear_head, linear_head, returned_cache, unwrap
 from ..losses import scalegrad_loss
 from ..metrics import aggregate_ranking_metrics, ngram_metrics, ranking_metrics_from_ranks
 from ..unlikelihood import ngram_repeat_mask, sequence_penalty_loss
@@ -47,7 +47,7 @@ from .evaluate import (chunk_logging_output, eval_singletoken, model_config_dict
                        singletoken_filename, write_singletoken_result)
 from .optim import build_optimizer, build_schedule
 from .options import accumulation_steps
-from .runtime import Runtime, check_positions, make_output_dir, unwrap
+from .runtime import Runtime, check_positions, make_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -70,80 +70,6 @@ def token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime):
 # --------------------------------------------------------------------------- #
 # The memory-lean loss (--fused-loss)
 # --------------------------------------------------------------------------- #
-
-def linear_head(model):
-    """``(base_model, head)`` of a Hugging Face causal LM: the model without its LM
-    head (``model.base_model``, i.e. ``getattr(model, model.base_model_prefix)``;
-    ``model.transformer`` for GPT-2) and its output embedding, an ``nn.Linear``.
-
-    Raises ``ValueError`` (saying why) when the model has no such parts. Whether
-    the logits really are ``head(base_model(...).last_hidden_state)`` is
-    :func:`check_linear_head`'s business.
-    """
-    model = unwrap(model)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"its output embedding is {type(head).__name__}, not a linear layer")
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
-    if not isinstance(base, torch.nn.Module) or base is model:
-        raise ValueError("it has no base model (the model without its LM head) to take the "
-                         "hidden states from")
-    return base, head
-
-
-@torch.no_grad()
-def check_linear_head(model, input_ids: torch.Tensor):
-    """Check on ``input_ids`` (``(1, n)``, a few tokens) that the model's logits are
-    ``base_model(...).last_hidden_state @ head.weight.T (+ head.bias)``: no scaling,
-    soft-capping or other step after the head, and the head's input is the base
-    model's last hidden state. Returns :func:`linear_head`'s ``(base, head)``;
-    raises ``ValueError`` saying what differs.
-
-    The head's output is replaced, through a forward hook, by random values
-    spread over [-50, 50] (from a generator of its own: the global random state
-    is untouched); the model's logits must be exactly those values. Runs in
-    evaluation mode (no dropout), then restores the mode.
-    """
-    base, head = linear_head(model)
-    model = unwrap(model)
-    captured: dict[str, torch.Tensor] = {}
-
-    def probe(module, inputs, output):
-        generator = torch.Generator().manual_seed(0)
-        values = torch.rand(output.shape, generator=generator, dtype=torch.float32) * 100 - 50
-        captured["input"] = inputs[0].detach()
-        captured["output"] = values.to(device=output.device, dtype=output.dtype)
-        return captured["output"]
-
-    was_training = model.training
-    model.eval()
-    handle = head.register_forward_hook(probe)
-    try:
-        try:
-            logits = model(input_ids=input_ids).logits
-        finally:
-            handle.remove()
-        hidden = base(input_ids=input_ids).last_hidden_state
-    except (AttributeError, TypeError) as exc:
-        raise ValueError(f"its forward pass does not give logits and last hidden states as "
-                         f"Hugging Face causal LMs do ({exc})") from None
-    finally:
-        model.train(was_training)
-    if "output" not in captured:
-        raise ValueError("its forward pass does not call its output embedding")
-    if logits.shape != captured["output"].shape or not torch.equal(
-            logits.float(), captured["output"].float()):
-        raise ValueError("its logits are not the output embedding's output (the forward pass "
-                         "transforms them: scaling or soft-capping, say)")
-    if hidden.shape != captured["input"].shape or not torch.allclose(
-            hidden.float(), captured["input"].float(), rtol=1e-5, atol=1e-6):
-        raise ValueError("the output embedding's input is not the base model's last hidden "
-                         "state")
-    return base, head
-
 
 def fused_token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime, chunk_size: int):
     """:func:`token_loss` with ``--fused-loss``: the same ``(loss / n, logging_output)``,
@@ -185,15 +111,15 @@ def continue_with_logits(model, prefixes: torch.Tensor, continuation_length: int
     logits (B, C, V))``. Greedy when ``top_k == 1 and top_p == 0``, else sampled
     from the filtered distribution with the global torch random state."""
     greedy = is_greedy(top_k, top_p)
-    cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_keyword = cache_argument(model)
+    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     next_input, cache = prefixes, None
     tokens, step_logits = [], []
     for _ in range(continuation_length):
         with runtime.autocast():
-            output = model(input_ids=next_input, use_cache=True, **{cache_argument: cache}, **extra)
+            output = model(input_ids=next_input, use_cache=True, **{cache_keyword: cache}, **extra)
         logits = output.logits[:, -1, :].float()
-        cache = output.get("cache", output.get("past_key_values"))
+        cache = returned_cache(output)
         with torch.no_grad():
             if greedy:
                 next_input = logits.argmax(dim=-1, keepdim=True)
@@ -203,15 +129,6 @@ def continue_with_logits(model, prefixes: torch.Tensor, continuation_length: int
         tokens.append(next_input)
         step_logits.append(logits)
     return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
-
-
-def _accepts(model, argument: str) -> bool:
-    """Does the model's forward take ``argument``? (transformers renamed
-    ``past_key_values`` to ``cache`` in 5.2x.)"""
-    try:
-        return argument in inspect.signature(unwrap(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def sequence_loss(model, chunk: torch.Tensor, args, runtime: Runtime):

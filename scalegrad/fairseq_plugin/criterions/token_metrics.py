@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from fairseq.logging import metrics
 
-from ..metrics import RANKING_METRIC_NAMES, ranking_metrics
+from ...metrics import RANKING_METRIC_NAMES, ranking_metrics
 
 __all__ = [
     "TOKEN_METRIC_KEYS",

@@ -45,114 +45,13 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
-from .io import atomic_path, write_json
+from ..errors import UserError
+from ..io import write_json
+from .checkpoints import (checkpoint_hf_config, checkpoint_num_updates, checkpoint_tokenizer_source,
+                          find_checkpoints, read_checkpoint)
 
 logger = logging.getLogger(__name__)
 
-MODEL_PREFIX = "decoder.model."
-ARCH_NAME = "gpt2_pretrained"
-
-
-# --------------------------------------------------------------------------- #
-# Reading checkpoints (no fairseq needed)
-# --------------------------------------------------------------------------- #
-
-def read_checkpoint(path) -> dict:
-    """A fairseq checkpoint's contents, read with ``weights_only=True``.
-
-    Every way it can be wrong (missing, not a checkpoint, not a ``gpt2_pretrained``
-    checkpoint with a recorded Hugging Face config) is a :class:`UserError`.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if "weights only load failed" in first.lower() or "weights_only" in first:
-            first = "it holds objects other than tensors and plain containers, refused for safety"
-        raise UserError(f"checkpoint {path} cannot be read: {first}") from None
-    if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("cfg"), dict):
-        raise UserError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' entries)")
-    model_cfg = state["cfg"].get("model") or {}
-    if model_cfg.get("_name") != ARCH_NAME:
-        raise UserError(f"checkpoint {path} holds a {model_cfg.get('_name') or 'unknown'} model; "
-                        f"expected {ARCH_NAME} (fairseq-train --arch {ARCH_NAME})")
-    if not model_cfg.get("hf_config"):
-        raise UserError(f"checkpoint {path} records no Hugging Face config (model.hf_config); it "
-                        f"was not trained with --task gpt2_language_modeling")
-    return state
-
-
-def checkpoint_num_updates(state: dict) -> Optional[int]:
-    history = state.get("optimizer_history") or []
-    return history[-1].get("num_updates") if history else None
-
-
-def hf_config_from_dict(config_dict: dict):
-    """A Hugging Face config object from its ``to_dict()`` form."""
-    from transformers import PretrainedConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    model_type = config_dict.get("model_type")
-    if model_type in CONFIG_MAPPING:
-        return CONFIG_MAPPING[model_type].from_dict(config_dict)
-    return PretrainedConfig.from_dict(config_dict)
-
-
-def checkpoint_hf_config(state: dict):
-    return hf_config_from_dict(json.loads(state["cfg"]["model"]["hf_config"]))
-
-
-def hf_state_dict(state: dict) -> dict:
-    """The Hugging Face model's weights: the checkpoint's ``decoder.model.*`` entries."""
-    weights = {key[len(MODEL_PREFIX):]: value for key, value in state["model"].items()
-               if key.startswith(MODEL_PREFIX)}
-    if not weights:
-        raise UserError(f"the checkpoint holds no weights under {MODEL_PREFIX}")
-    return weights
-
-
-def checkpoint_tokenizer_source(state: dict) -> Optional[str]:
-    task_cfg = state["cfg"].get("task") or {}
-    return task_cfg.get("hf_tokenizer") or task_cfg.get("pretrained_model") \
-        or (state["cfg"].get("model") or {}).get("pretrained_model")
-
-
-def export_to_hf(checkpoint, output_dir, *, tokenizer: Optional[str] = None,
-                 save_tokenizer: bool = True) -> Path:
-    """Write the checkpoint's model (and tokenizer) with ``save_pretrained`` into
-    ``output_dir`` (replaced atomically). Returns the folder."""
-    from transformers import AutoModelForCausalLM
-
-    state = read_checkpoint(checkpoint)
-    config = checkpoint_hf_config(state)
-    tokenizer_object = None
-    if save_tokenizer:
-        from .tokenization import load_tokenizer
-
-        source = tokenizer or checkpoint_tokenizer_source(state)
-        if not source:
-            raise UserError("the checkpoint names no tokenizer; pass --tokenizer or --no-tokenizer")
-        try:
-            tokenizer_object = load_tokenizer(os.path.expanduser(source))
-        except UserError as exc:
-            raise UserError(f"{exc}; pass --tokenizer NAME_OR_FOLDER, or --no-tokenizer") from None
-    model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(hf_state_dict(state), strict=False)
-    if missing or unexpected:
-        raise UserError(f"the checkpoint's weights do not fit its recorded config "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    model.eval()
-    with atomic_path(Path(output_dir).expanduser(), is_dir=True) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer_object is not None:
-            tokenizer_object.save_pretrained(tmp)
-    return Path(output_dir)
 
 
 # --------------------------------------------------------------------------- #
@@ -183,7 +82,9 @@ def load_checkpoint(path, *, data: Optional[str] = None, device="cpu") -> Loaded
     from fairseq import tasks
     from omegaconf import OmegaConf, open_dict
 
-    from . import tasks as _registered  # noqa: F401  (registers the task and the model)
+    from . import register
+
+    register()  # the task and the model
 
     state = read_checkpoint(path)
     cfg = OmegaConf.create(state["cfg"])
@@ -209,36 +110,13 @@ def load_checkpoint(path, *, data: Optional[str] = None, device="cpu") -> Loaded
                             checkpoint_tokenizer_source(state), config.to_dict())
 
 
-def find_checkpoints(model_path, which: str = "best", step: Optional[str] = None,
-                     epoch: Optional[str] = None) -> list[str]:
-    """The original's checkpoint selection in a fairseq save directory."""
-    model_path = os.path.expanduser(model_path)
-    if not os.path.isdir(model_path):
-        raise UserError(f"--model-path {model_path} is not a folder")
-    patterns = {
-        "best": "checkpoint_best.pt",
-        "last": "checkpoint_last.pt",
-        "step": f"checkpoint_*_{step}.pt",
-        "epoch": f"checkpoint{epoch}.pt",
-        "all": "checkpoint*.pt",
-    }
-    if which == "step" and step is None:
-        raise UserError("--ckpt step needs --ckpt-step N")
-    if which == "epoch" and epoch is None:
-        raise UserError("--ckpt epoch needs --ckpt-epoch N")
-    found = sorted(glob(os.path.join(model_path, patterns[which])))
-    if not found:
-        raise UserError(f"no checkpoint matches {patterns[which]} in {model_path}")
-    return found
-
-
 # --------------------------------------------------------------------------- #
 # Evaluation
 # --------------------------------------------------------------------------- #
 
 def chunk_dataset(loaded: LoadedCheckpoint, split: str, length: int):
     """The split in chunks of ``length + 1`` ids, in order, as the task's dataset."""
-    from .data import chunk_tokens
+    from ..data import chunk_tokens
     from .tasks.gpt2_language_modeling import GPT2ChunkDataset
 
     tokens = loaded.task.load_tokens(split)
@@ -253,8 +131,8 @@ def eval_singletoken(loaded: LoadedCheckpoint, split: str, length: int, *,
     Returns ``(metrics, predictions, targets)``: the GPT-2 driver's aggregated
     metrics, and per chunk the argmax predictions and the targets (ids).
     """
-    from .gpt2.evaluate import statistics_logging_output
-    from .metrics import aggregate_ranking_metrics, token_statistics
+    from ..gpt2.evaluate import statistics_logging_output
+    from ..metrics import aggregate_ranking_metrics, token_statistics
 
     dataset = chunk_dataset(loaded, split, length)
     model = loaded.model
@@ -284,7 +162,7 @@ def eval_singletoken(loaded: LoadedCheckpoint, split: str, length: int, *,
 def completion_prefixes(loaded: LoadedCheckpoint, split: str, length: int,
                         prefix_length: int) -> tuple[torch.Tensor, int]:
     """``(prefixes, prefixes per chunk)`` of the split's chunks of ``length + 1`` ids."""
-    from .data import make_prefixes
+    from ..data import make_prefixes
 
     chunks = chunk_dataset(loaded, split, length).chunks.long()
     prefixes = make_prefixes(chunks, prefix_length)
@@ -295,8 +173,8 @@ def sampled_completions(loaded: LoadedCheckpoint, prefixes: torch.Tensor, *, con
                         top_k: int, top_p: float, batch_size: int, seed: int, device="cpu",
                         progress: bool = True) -> list[list[int]]:
     """Greedy / top-k / top-p: the GPT-2 driver's own code, seeding and batching."""
-    from .gpt2.evaluate import generate_completions
-    from .gpt2.runtime import Runtime
+    from ..gpt2.evaluate import generate_completions
+    from ..gpt2.runtime import Runtime
 
     runtime = Runtime(device=torch.device(device), progress=progress)
     return generate_completions(loaded.hf_model, prefixes, runtime,
@@ -394,7 +272,7 @@ def result_names(model_name: str, split: str, bsz_singletoken: int, bsz_completi
     """
     from types import SimpleNamespace
 
-    from .gpt2.evaluate import completion_filename, singletoken_filename
+    from ..gpt2.evaluate import completion_filename, singletoken_filename
 
     args = SimpleNamespace(model_name=model_name, eval_split=split,
                            batch_size_singletoken=bsz_singletoken,
@@ -565,9 +443,9 @@ def _device(name: Optional[str]) -> torch.device:
 
 def run_evaluation(args) -> list[str]:
     """Evaluate every selected checkpoint; returns the files written."""
-    from .generation import is_greedy
-    from .metrics import CompletionMetrics
-    from .tokenization import load_tokenizer
+    from ..generation import is_greedy
+    from ..metrics import CompletionMetrics
+    from ..tokenization import load_tokenizer
 
     checkpoints = args.checkpoint or find_checkpoints(args.model_path, args.ckpt, args.ckpt_step,
                                                       args.ckpt_epoch)

@@ -49,8 +49,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model
 from torch import Tensor
 
-from ..fairseq_eval import hf_config_from_dict
-from ..generation import _accepts, _returned_cache
+from ...hf import cache_argument, check_linear_head, hf_config_from_dict, returned_cache
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +175,7 @@ class GPT2PretrainedModel(FairseqLanguageModel):
     def check_output_projection(self, src_tokens: Tensor) -> None:
         """Raise ``ValueError`` (saying why) unless the logits are the final hidden states
         times the output embedding on ``src_tokens`` (a few tokens suffice); see
-        :func:`scalegrad.gpt2.trainer.check_linear_head`."""
-        from ..gpt2.trainer import check_linear_head
-
+        :func:`scalegrad.hf.check_linear_head`."""
         check_linear_head(self.hf_model, self.decoder._real_ids(src_tokens))
 
 
@@ -188,7 +185,7 @@ class GPT2PretrainedDecoder(FairseqIncrementalDecoder):
         self.model = hf_model
         self.vocab_size = vocab_size_of(hf_model.config)
         self.padding_idx = dictionary.pad()
-        self._cache_argument = "cache" if _accepts(hf_model, "cache") else "past_key_values"
+        self._cache_argument = cache_argument(hf_model)
 
     # -- forward -------------------------------------------------------------
 
@@ -229,7 +226,7 @@ class GPT2PretrainedDecoder(FairseqIncrementalDecoder):
             raise ValueError("incremental decoding was handed no new token")
         module = self.model.base_model if base else self.model
         output = module(input_ids=new_tokens, use_cache=True, **{self._cache_argument: cache})
-        self.set_incremental_state(incremental_state, "hf", {"cache": _returned_cache(output)})
+        self.set_incremental_state(incremental_state, "hf", {"cache": returned_cache(output)})
         return output
 
     def reorder_incremental_state(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]],

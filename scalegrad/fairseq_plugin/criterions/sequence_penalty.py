@@ -34,9 +34,9 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from fairseq.models import FairseqIncrementalDecoder
 
-from ..errors import UserError
-from ..metrics import ngram_metrics
-from ..unlikelihood import ngram_repeat_mask, sequence_penalty_loss
+from ...errors import UserError
+from ...metrics import ngram_metrics
+from ...unlikelihood import ngram_repeat_mask, sequence_penalty_loss
 
 SEQUENCE_CANDIDATE_TYPES = ChoiceEnum(["repeat", "random"])
 NGRAM_ORDERS = (1, 2, 3, 4)

@@ -59,9 +59,10 @@ from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from omegaconf import OmegaConf, open_dict
 
-from ..data import SPLITS, chunk_tokens, load_split, make_prefixes, split_path
-from ..errors import UserError
-from ..metrics import CompletionMetrics, ngram_metrics
+from ...data import SPLITS, chunk_tokens, load_split, make_prefixes, split_path
+from ...errors import UserError
+from ...hf import unwrap
+from ...metrics import CompletionMetrics, ngram_metrics
 from ..models.gpt2_pretrained import (
     PRETRAINED_MODEL_HELP,
     GPT2PretrainedModel,
@@ -370,7 +371,7 @@ class GPT2LanguageModelingTask(LanguageModelingWithGenerationTask):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from ..tokenization import load_tokenizer
+            from ...tokenization import load_tokenizer
 
             name = self.args.hf_tokenizer or self.args.pretrained_model
             self._tokenizer = load_tokenizer(resolve_source(name))
@@ -444,16 +445,9 @@ def pretrained_vocabulary(pretrained_model: Optional[str]) -> tuple[int, Optiona
     return int(config.vocab_size), eos
 
 
-def unwrap_model(model):
-    """The fairseq model inside distributed / proxy wrappers."""
-    while not isinstance(model, GPT2PretrainedModel) and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def hf_model_of(model):
     """The Hugging Face model of a ``gpt2_pretrained`` model (``None`` for other models)."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     return model.hf_model if isinstance(model, GPT2PretrainedModel) else None
 
 
@@ -462,12 +456,12 @@ def greedy_completions(model, prefixes: torch.Tensor, continuation_length: int) 
     code on a ``gpt2_pretrained`` model; fairseq's incremental decoding on others."""
     hf_model = hf_model_of(model)
     if hf_model is not None:
-        from ..generation import generate_continuations
+        from ...generation import generate_continuations
 
         return generate_continuations(hf_model, prefixes, continuation_length).tolist()
     from ..criterions.sequence_penalty import greedy_continuation
 
-    fairseq_model = unwrap_model(model)
+    fairseq_model = unwrap(model)
     was_training = fairseq_model.training
     fairseq_model.eval()
     try:

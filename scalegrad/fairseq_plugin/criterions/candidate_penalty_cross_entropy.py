@@ -11,7 +11,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
-from ..unlikelihood import candidate_penalty_loss
+from ...unlikelihood import candidate_penalty_loss
 from .token_metrics import (
     TOKEN_METRIC_KEYS,
     TokenMetricsSchedule,

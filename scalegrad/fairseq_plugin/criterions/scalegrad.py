@@ -23,9 +23,10 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
-from ..fused import chunked_logit_statistics, fused_linear_scalegrad_loss
-from ..losses import check_gamma, scalegrad_loss
-from ..metrics import ranking_metrics_from_ranks
+from ...hf import unwrap
+from ...fused import chunked_logit_statistics, fused_linear_scalegrad_loss
+from ...losses import check_gamma, scalegrad_loss
+from ...metrics import ranking_metrics_from_ranks
 from .token_metrics import (
     MEDIAN_COUNT,
     TOKEN_METRIC_KEYS,
@@ -76,17 +77,6 @@ class ScaleGradCriterionConfig(FairseqDataclass):
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(model):
-    """The fairseq model inside distributed wrappers (DDP, ModuleProxyWrapper)."""
-    from fairseq.models import BaseFairseqModel
-
-    while not isinstance(model, BaseFairseqModel) and isinstance(
-        getattr(model, "module", None), torch.nn.Module
-    ):
-        model = model.module
-    return model
-
-
 @register_criterion("scalegrad", dataclass=ScaleGradCriterionConfig)
 class ScaleGradCriterion(FairseqCriterion):
     """ScaleGrad: at each position the probabilities of the novel tokens (those
@@ -118,7 +108,7 @@ class ScaleGradCriterion(FairseqCriterion):
     def _fused_model_of(self, model, sample):
         """The (unwrapped) ``gpt2_pretrained`` model when ``--fused-loss`` applies to
         ``model``, else None (with one warning per model)."""
-        inner = _unwrap(model)
+        inner = unwrap(model)
         if inner is not self._fused_model:
             from ..models.gpt2_pretrained import GPT2PretrainedModel
 

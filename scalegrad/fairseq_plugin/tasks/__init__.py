@@ -1,0 +1,2 @@
+"""fairseq tasks; every module of this folder is imported (and so registered) by
+:func:`scalegrad.fairseq_plugin.register`."""
