@@ -1,6 +1,6 @@
 """Token data: the ``{split}_tokens_bpe_gpt2.pt`` files, chunks and prefixes.
 
-The original code (``../shared/SPEC.md`` sections 3 and 4) stores each split as one
+The original code (``docs/reference.md``, sections 3 and 4) stores each split as one
 flat 1-D tensor of token ids, cuts it into non-overlapping chunks of ``n + 1``
 tokens from the start (the tail that does not fill a chunk is dropped), and for the
 completion evaluation cuts every chunk into consecutive prefixes of
@@ -95,7 +95,7 @@ def chunk_tokens(tokens: torch.Tensor, n: int) -> torch.Tensor:
     """Cut a 1-D tensor into non-overlapping chunks of ``n + 1`` tokens.
 
     Chunks start at the beginning; the tail that does not fill a chunk is dropped
-    (SPEC section 4). Returns a ``(num_chunks, n + 1)`` int64 tensor.
+    (``docs/reference.md``, section 4). Returns a ``(num_chunks, n + 1)`` int64 tensor.
     """
     if n < 1:
         raise UserError(f"chunk length must be at least 1 token, got {n}")
@@ -127,7 +127,8 @@ def make_prefixes(chunks: torch.Tensor, prefix_length: int) -> torch.Tensor:
 
     The remainder of each chunk is dropped, and the prefixes come chunk by chunk,
     in order, as the original's ``batch_input_sequence_by_prefix_length`` gives
-    them (SPEC section 3): a chunk of 301 tokens and prefixes of 50 give 6 prefixes.
+    them (``docs/reference.md``, section 3): a chunk of 301 tokens and prefixes of
+    50 give 6 prefixes.
     Returns ``(num_chunks * (chunk_len // prefix_length), prefix_length)``.
     """
     if chunks.dim() != 2:

@@ -1,6 +1,6 @@
 """Continuing prefixes: greedy, top-k and nucleus (top-p) sampling, batched, with a KV cache.
 
-The original (SPEC section 3) continues a batch of prefixes greedily, or samples
+The original (``docs/reference.md``, section 3) continues a batch of prefixes greedily, or samples
 one prefix at a time after ``top_k_top_p_filtering``. Here both paths work on a
 whole batch: the filter is applied row by row with the same arithmetic as the
 original's one-row function, and sampling draws one token per row with

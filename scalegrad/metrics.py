@@ -1,8 +1,8 @@
 """The paper's metrics, one implementation for every driver.
 
-Token level (SPEC section 2): ranks of the targets, hits, ``repeat_at_1`` within
+Token level (``docs/reference.md``, section 2): ranks of the targets, hits, ``repeat_at_1`` within
 context windows, aggregated into ppl / acc / rep / wrep / uniq. Sequence level
-(SPEC section 3): ``pct_repeat_{N}grams`` of continuations (seq-rep-N), in BPE
+(section 3): ``pct_repeat_{N}grams`` of continuations (seq-rep-N), in BPE
 tokens and in words, and uniq-seq. The fairseq criteria and the GPT-2
 evaluator both call these functions.
 """

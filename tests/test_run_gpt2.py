@@ -127,7 +127,8 @@ def test_result_file_names(tmp_path):
 # --------------------------------------------------------------------------- #
 
 def dense_singletoken(model, tokens, n):
-    """SPEC section 2 by hand: chunks of n + 1, dense counts, the original's normalisation."""
+    """docs/reference.md, section 2, by hand: chunks of n + 1, dense counts, the
+    original's normalisation."""
     chunks = tokens[: tokens.numel() // (n + 1) * (n + 1)].view(-1, n + 1)
     sums, medians, loss, predicted, targets = {}, [], 0.0, set(), set()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""scalegrad.unlikelihood against literal re-derivations of SPEC section 6."""
+"""scalegrad.unlikelihood against literal re-derivations of docs/reference.md, section 6."""
 
 import math
 
@@ -18,7 +18,7 @@ PAD = 1
 
 
 # --------------------------------------------------------------------------- #
-# Dense references, written from the SPEC text with python loops
+# Dense references, written from docs/reference.md with python loops
 # --------------------------------------------------------------------------- #
 
 def dense_candidates(target, *, pad, row_length=None, ignore_padding=False):

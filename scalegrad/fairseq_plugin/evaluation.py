@@ -1,7 +1,7 @@
 """Evaluating and exporting fairseq checkpoints of ``gpt2_pretrained`` models.
 
 The logic behind ``scripts/evaluate_fairseq.py`` (the port of the unlikelihood
-module's ``custom/evaluation.py``, SPEC section 6) and
+module's ``custom/evaluation.py``, ``docs/reference.md``, section 6a) and
 ``scripts/export_fairseq_to_hf.py``.
 
 Evaluation reads a fairseq checkpoint written by ``fairseq-train --task
@@ -10,7 +10,7 @@ evaluations on one split, through the fairseq task's data (``.pt`` splits or a
 data-bin) and the fairseq model:
 
 * single-token: chunks of ``batch_size_singletoken + 1`` ids, one per forward
-  pass of the fairseq model, the metrics of SPEC section 2 computed by the same
+  pass of the fairseq model, the metrics of section 2 computed by the same
   functions as ``run_gpt2.py --mode eval-singletoken``;
 * completion: the prefixes of chunks of ``batch_size_completion + 1`` ids,
   continued by the GPT-2 driver's own generation code (greedy, top-k, top-p,
@@ -126,7 +126,8 @@ def chunk_dataset(loaded: LoadedCheckpoint, split: str, length: int):
 @torch.no_grad()
 def eval_singletoken(loaded: LoadedCheckpoint, split: str, length: int, *,
                      device="cpu", progress: bool = True) -> tuple[dict, list, list]:
-    """SPEC section 2 over the split, one chunk per forward pass of the fairseq model.
+    """``docs/reference.md``, section 2, over the split, one chunk per forward pass
+    of the fairseq model.
 
     Returns ``(metrics, predictions, targets)``: the GPT-2 driver's aggregated
     metrics, and per chunk the argmax predictions and the targets (ids).

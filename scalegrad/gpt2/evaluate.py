@@ -1,4 +1,4 @@
-"""Single-token and completion evaluation (``../shared/SPEC.md`` sections 2, 3 and 5),
+"""Single-token and completion evaluation (``docs/reference.md``, sections 2, 3 and 5),
 on the original's chunks and prefixes, with the original's result files.
 
 Both run in a single process or split across torchrun processes (each takes every
@@ -92,7 +92,8 @@ def _with_counts(output: dict, target: torch.Tensor, loss_sum: float) -> dict:
 
 @torch.no_grad()
 def eval_singletoken(model, chunks: torch.Tensor, runtime: Runtime, *, desc: str = "Evaluating") -> dict:
-    """SPEC section 2 over ``chunks`` (``(num_chunks, n + 1)``), one chunk per forward pass.
+    """``docs/reference.md``, section 2, over ``chunks`` (``(num_chunks, n + 1)``), one
+    chunk per forward pass.
 
     Returns the original's aggregated metrics: ``loss`` (bits), ``ppl``, the
     ranking metrics, ``uniq`` and ``human_uniq`` (and the counts). Every rank
@@ -186,7 +187,7 @@ def generate_completions(model, prefixes: torch.Tensor, runtime: Runtime, *,
 
 
 def eval_completion(model, tokenizer, chunks: torch.Tensor, runtime: Runtime, args) -> dict | None:
-    """SPEC section 3: continue every prefix and measure the continuations.
+    """``docs/reference.md``, section 3: continue every prefix and measure the continuations.
 
     Returns the report (``bpe_metrics``, ``word_metrics``, ``uniq``,
     ``completions``) on rank 0, ``None`` on the other ranks.

@@ -1,7 +1,7 @@
 """The command line of ``scripts/run_gpt2.py``: every flag of the original, the new ones,
 a ``--config FILE.yaml`` whose keys are the flags, and the checks of their values.
 
-Flag names and defaults are the original's (``../shared/SPEC.md`` section 5), with
+Flag names and defaults are the original's (``docs/reference.md``, section 5), with
 three deliberate changes, each documented in the help text:
 
 - ``--model-name`` accepts any Hugging Face hub name or local path (the original
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", type=float, default=0.01)
     add("--lm-coef", type=float, default=0.9, help="accepted and ignored, as in the original")
 
-    # ---- the unlikelihood parent script's flags (SPEC section 7) ----
+    # ---- the unlikelihood parent script's flags (docs/reference.md, section 7) ----
     add("--sequence-tune-rate", type=float, default=0.0,
         help="chance that a training step uses sequence-level unlikelihood on greedy "
              "continuations of the chunk's prefixes (the parent script's default was 0.5)")

@@ -1,4 +1,4 @@
-"""The training loop of the original driver (``../shared/SPEC.md`` section 5), resumable.
+"""The training loop of the original driver (``docs/reference.md``, section 5), resumable.
 
 One chunk of ``--train-batch-size + 1`` tokens per step (per process under
 torchrun; ``--gradient-accumulation-steps`` chunks per update when given), drawn in
@@ -8,7 +8,7 @@ a random order that is drawn again every epoch. Each step:
    the number of input tokens; with ``--fused-loss``
    :func:`scalegrad.fused.fused_linear_scalegrad_loss` from the final hidden states, see
    :func:`fused_token_loss`), or, with probability ``--sequence-tune-rate``, the
-   sequence-level unlikelihood loss of greedy continuations of its prefixes (SPEC 7);
+   sequence-level unlikelihood loss of greedy continuations of its prefixes (section 7);
 2. backward, optimizer and schedule step (a step whose loss is not finite is skipped);
 3. every ``--report-metrics-every`` steps of the epoch: the aggregated training metrics;
 4. at step index ``--train-n-steps`` of the epoch: the epoch ends (the original's
@@ -132,7 +132,8 @@ def continue_with_logits(model, prefixes: torch.Tensor, continuation_length: int
 
 
 def sequence_loss(model, chunk: torch.Tensor, args, runtime: Runtime):
-    """Sequence-level unlikelihood of one chunk (SPEC 7, the parent script's ``ul_seq``):
+    """Sequence-level unlikelihood of one chunk (``docs/reference.md``, section 7; the
+    parent script's ``ul_seq``):
     continue every prefix of the chunk, penalise the tokens of repeated N-grams;
     ``(loss / generated tokens, logging_output)``."""
     prefixes = make_prefixes(chunk.unsqueeze(0), args.prefix_length)

@@ -1,5 +1,5 @@
 """``cross_entropy_wcustom_metrics``: fairseq's cross-entropy plus the
-token-level metrics of SPEC section 2 (the unlikelihood module's baseline)."""
+token-level metrics of ``docs/reference.md``, section 2 (the unlikelihood module's baseline)."""
 
 from dataclasses import dataclass, field
 from typing import Optional

@@ -1,4 +1,4 @@
-"""Token-level metrics (SPEC section 2) for the fairseq criteria.
+"""Token-level metrics (``docs/reference.md``, section 2) for the fairseq criteria.
 
 Every criterion here logs the same summable keys on every call, zeros when the
 metrics were skipped (``normalizer == 0``), so fairseq can sum logging outputs

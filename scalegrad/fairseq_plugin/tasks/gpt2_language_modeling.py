@@ -2,7 +2,7 @@
 
 Data. ``--data`` (the task's positional ``data``) is either
 
-* a folder with the original ``{split}_tokens_bpe_gpt2.pt`` files (SPEC section
+* a folder with the original ``{split}_tokens_bpe_gpt2.pt`` files (``docs/reference.md``, section
   4), read with :func:`scalegrad.data.load_split` (``weights_only``), or
 * a fairseq ``data-bin`` (``dict.txt`` plus ``{split}.bin/.idx``), as
   ``scripts/prepare_data.py --fairseq-data-bin`` writes it, or any data-bin whose
