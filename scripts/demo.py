@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("SCALEGRAD_SKIP_FAIRSEQ", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from scalegrad.demo import Demo, load_config, print_summary  # noqa: E402

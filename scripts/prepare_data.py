@@ -27,10 +27,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-if __name__ == "__main__":
-    # This script needs none of the fairseq plugin; skipping its registration saves
-    # seconds of importing fairseq (fairseq-preprocess, when asked for, runs apart).
-    os.environ.setdefault("SCALEGRAD_SKIP_FAIRSEQ", "1")
 
 from scalegrad import data, tokenization  # noqa: E402
 from scalegrad.errors import UserError  # noqa: E402

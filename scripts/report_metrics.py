@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("SCALEGRAD_SKIP_FAIRSEQ", "1")  # the report needs no fairseq
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from scalegrad.errors import UserError  # noqa: E402

@@ -14,8 +14,6 @@ the original. The logic lives in ``scalegrad.gpt2``.
 import os
 import sys
 
-# The driver needs no fairseq; skip registering its components (it is slow to import).
-os.environ.setdefault("SCALEGRAD_SKIP_FAIRSEQ", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scalegrad.errors import UserError  # noqa: E402
