@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from scalegrad.fused import fused_linear_scalegrad_loss  # noqa: E402
 from scalegrad.losses import scalegrad_loss  # noqa: E402
+from tests.references import original_scalegrad_loss  # noqa: E402
 
 
 # --------------------------------------------------------------------------- #
@@ -84,27 +85,12 @@ def peak_memory_cpu_subprocess(case: str, shape: tuple, extra: list[str]):
 # 1. the loss alone
 # --------------------------------------------------------------------------- #
 
-def dense_scalegrad_loss(logits, target, gamma, eps=1e-8):
-    """SPEC section 1 as the original writes it: a dense (B, T, V) novel mask
-    and dense copies of the distribution."""
-    batch, time_, vocab = logits.shape
-    probs = F.softmax(logits, dim=-1)
-    counts = torch.zeros(batch, time_, vocab, device=logits.device)
-    # counts[b, t, v] = occurrences of v in y[b, 0..t-1]
-    one_hot = torch.zeros(batch, time_, vocab, device=logits.device)
-    one_hot.scatter_(2, target.unsqueeze(2), 1.0)
-    counts[:, 1:] = one_hot.cumsum(dim=1)[:, :-1]
-    novel = counts < 1
-    new_probs = probs * novel * gamma + probs * ~novel + eps
-    new_probs = F.normalize(new_probs, p=1, dim=-1)
-    return F.nll_loss(torch.log(new_probs).view(-1, vocab), target.view(-1), reduction="sum")
-
-
 LOSSES = {
     "cross_entropy": lambda logits, target: F.cross_entropy(
         logits.view(-1, logits.shape[-1]), target.view(-1), reduction="sum"),
     "scalegrad": lambda logits, target: scalegrad_loss(logits, target, 0.2),
-    "dense": lambda logits, target: dense_scalegrad_loss(logits, target, 0.2),
+    # docs/reference.md, section 1, as the original computes it (dense (B, T, V) mask)
+    "dense": lambda logits, target: original_scalegrad_loss(logits, target, 0.2),
 }
 
 

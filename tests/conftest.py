@@ -8,14 +8,11 @@ importing transformers).
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import helpers  # noqa: E402
+from tests import helpers
 
 # The test models are tiny: one thread is several times faster than two fighting
 # over a shared CPU (33 ms against 2 ms per forward pass measured here), and it

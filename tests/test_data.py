@@ -12,21 +12,7 @@ from hypothesis import strategies as st
 
 from scalegrad import data
 from scalegrad.errors import UserError
-
-
-# -- references: the original code's logic, written out literally -----------------
-
-def original_chunks(tensor, max_len):
-    """run_gpt2.get_datasets for one split: right bound, then view(-1, max_len + 1)."""
-    right_bound = (tensor.size(0) // (max_len + 1)) * (max_len + 1)
-    return tensor[:right_bound].view(-1, (max_len + 1))
-
-
-def original_prefix_batch(input_sequence, prefix_length):
-    """evaluate_utils.batch_input_sequence_by_prefix_length, for a (1, L) batch."""
-    seq_len = input_sequence.size(1)
-    new_seq_len = (seq_len // prefix_length) * prefix_length
-    return input_sequence[:, :new_seq_len].view(-1, prefix_length).contiguous()
+from tests.references import original_chunks, original_prefix_batch
 
 
 # -- the .pt files ----------------------------------------------------------------

@@ -29,7 +29,7 @@ import scalegrad  # noqa: E402
 from scalegrad.losses import scalegrad_loss  # noqa: E402
 from scalegrad.metrics import RANKING_METRIC_NAMES, ngram_metrics, ranking_metrics  # noqa: E402
 from scalegrad.unlikelihood import ngram_repeat_mask  # noqa: E402
-from test_unlikelihood import dense_candidate_penalty  # noqa: E402
+from tests.references import dense_candidate_penalty  # noqa: E402
 
 scalegrad.register_fairseq()
 

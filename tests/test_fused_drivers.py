@@ -23,7 +23,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import helpers
 from scalegrad.data import load_chunks, load_split, save_split, split_path
 from scalegrad.errors import UserError
 from scalegrad.gpt2.driver import run
@@ -33,6 +32,7 @@ from scalegrad.fused import chunked_logit_statistics
 from scalegrad.gpt2.trainer import check_fused_model, fused_token_loss, token_loss
 from scalegrad.hf import check_linear_head
 from scalegrad.metrics import ranking_metrics, ranking_metrics_from_ranks
+from tests import helpers
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_gpt2.py"

@@ -4,34 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from scalegrad.errors import UserError
 from scalegrad.generation import generate_continuations, is_greedy, top_k_top_p_filtering
+from tests.references import original_filter_one_row
 
 VOCAB = 97
 
 
 # -- references ---------------------------------------------------------------------
-
-def original_filter_one_row(logits, top_k=0, top_p=0.0, filter_value=-float("inf")):
-    """run_gpt2.top_k_top_p_filtering, written out as it is: one (1, V) row, in place."""
-    assert logits.size(0) == 1
-    logits = logits.squeeze(0)
-    top_k = min(top_k, logits.size(-1))
-    if top_k > 0:
-        indices_to_remove = logits < torch.topk(logits, top_k)[0][..., -1, None]
-        logits[indices_to_remove] = filter_value
-    if top_p > 0.0:
-        sorted_logits, sorted_indices = torch.sort(logits, descending=True)
-        cumulative_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-        sorted_indices_to_remove = cumulative_probs > top_p
-        sorted_indices_to_remove[..., 1:] = sorted_indices_to_remove[..., :-1].clone()
-        sorted_indices_to_remove[..., 0] = 0
-        indices_to_remove = sorted_indices[sorted_indices_to_remove]
-        logits[indices_to_remove] = filter_value
-    return logits
-
 
 def greedy_without_cache(model, prefix, continuation_length):
     """One prefix, the whole sequence recomputed at every step, no cache."""

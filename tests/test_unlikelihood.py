@@ -13,76 +13,13 @@ from scalegrad.unlikelihood import (
     ngram_repeat_mask,
     sequence_penalty_loss,
 )
+from tests.references import (
+    dense_candidate_penalty,
+    dense_mask_penalty,
+    dense_ngram_mask,
+)
 
 PAD = 1
-
-
-# --------------------------------------------------------------------------- #
-# Dense references, written from docs/reference.md with python loops
-# --------------------------------------------------------------------------- #
-
-def dense_candidates(target, *, pad, row_length=None, ignore_padding=False):
-    """Per position, the candidate set: the previous targets (same row, or the
-    whole flattened batch) minus the current target. The original also makes
-    the padding id a candidate everywhere and scores padding positions."""
-    target = [int(t) for t in target]
-    n = len(target)
-    row_length = row_length or n
-    out = []
-    for i in range(n):
-        start = i // row_length * row_length
-        if ignore_padding and target[i] == pad:
-            out.append(set())
-            continue
-        cands = {target[j] for j in range(start, i) if target[j] != pad}
-        cands.discard(target[i])
-        if not ignore_padding:
-            cands.add(pad)
-        out.append(cands)
-    return out
-
-
-def dense_candidate_penalty(lprobs, target, *, pad, row_length=None, ignore_padding=False):
-    nll = 0.0
-    penalty = 0.0
-    for i, cands in enumerate(dense_candidates(target, pad=pad, row_length=row_length,
-                                               ignore_padding=ignore_padding)):
-        if int(target[i]) != pad:
-            nll -= float(lprobs[i, int(target[i])])
-        for c in cands:
-            p = math.exp(float(lprobs[i, c]))
-            penalty -= math.log(max(1.0 - p, 1e-5))
-    return nll, penalty
-
-
-def dense_mask_penalty(lprobs, target, *, pad, row_length=None, ignore_padding=False):
-    """The same loss through a dense (N, V) candidate mask, for gradients."""
-    mask = torch.zeros_like(lprobs)
-    for i, cands in enumerate(dense_candidates(target, pad=pad, row_length=row_length,
-                                               ignore_padding=ignore_padding)):
-        for c in cands:
-            mask[i, c] = 1.0
-    valid = (target != pad).to(lprobs.dtype)
-    nll = -(lprobs.gather(1, target.unsqueeze(1)).squeeze(1) * valid).sum()
-    penalty = (-torch.log(torch.clamp(1.0 - lprobs.exp(), min=1e-5)) * mask).sum()
-    return nll, penalty
-
-
-def dense_ngram_mask(tokens, n, *, check_last=False):
-    """Mark every token of an N-gram that already occurred earlier in the row;
-    the original does not look at the N-gram that starts at T - n."""
-    out = []
-    for row in tokens:
-        row = list(row)
-        marks = [0] * len(row)
-        starts = range(len(row) - n + (1 if check_last else 0))
-        for j in starts:
-            gram = row[j:j + n]
-            if any(row[k:k + n] == gram for k in range(j)):
-                for m in range(j, j + n):
-                    marks[m] = 1
-        out.append(marks)
-    return out
 
 
 def random_lprobs(n, v, seed=0, dtype=torch.float64):
