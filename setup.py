@@ -1,10 +1,17 @@
-"""scalegrad: ScaleGrad (ICML 2021) for Hugging Face causal LMs and fairseq.
+"""scalegrad: ScaleGrad (ICML 2021) for Hugging Face models and fairseq.
 
-Install with ``bash scripts/setup_env.sh`` (or ``make setup``): it installs torch
-first and on its own, keeps a torch that is already there (a CUDA build, say),
-and works around fairseq's torchaudio requirement. A plain
-``pip install --no-build-isolation -e .[dev]`` into an environment that already
-has torch works too; then ``pip uninstall torchaudio`` (see README).
+``pip install .`` is the light core (the losses, the fused loss, the metrics, the
+Trainer hook, the GPT-2 driver, data preparation and the report): pure Python on
+top of torch and transformers, no compiler. Extras:
+
+- ``fairseq``: fairseq (built from source against the installed torch, a few
+  minutes on a small machine) and tensorboardX, for ``--user-dir scalegrad``.
+- ``triton``: Triton, for the optional Triton kernel.
+- ``dev``: the test tools, plus accelerate, TRL and PEFT for the Trainer tests.
+
+``bash scripts/setup_env.sh`` (``make setup``) installs everything into .venv: it
+installs torch first and on its own, keeps a torch that is already there (a CUDA
+build, say), and works around fairseq's torchaudio requirement.
 """
 
 from pathlib import Path
@@ -25,15 +32,10 @@ setup(
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["scalegrad", "scalegrad.*"]),
     install_requires=[
         "torch>=2.1",
-        # fairseq's last official release does not import on Python >= 3.11
-        # (dataclass mutable defaults); the fairseq-fixed fork of fairseq's main
-        # branch does, and builds its extensions against the installed torch.
-        "fairseq==0.12.2; python_version < '3.11'",
-        "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
         "transformers>=4.40",
         "tokenizers>=0.15",
         "safetensors",
@@ -44,9 +46,19 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # accelerate: what transformers.Trainer needs (the Trainer route and its test)
-        "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1"],
+        # fairseq-fixed is fairseq's main branch with the Python 3.11+ dataclass
+        # fixes, on every Python: the last official release (0.12.2) does not import
+        # on 3.11+, and on 3.10 it needs omegaconf<2.1, whose metadata pip >= 24.1
+        # refuses. It builds C++ extensions against the installed torch (install
+        # with --no-build-isolation). tensorboardX: fairseq's --tensorboard-logdir
+        # (and no "Please install tensorboardX" line at fairseq's import).
+        "fairseq": ["fairseq-fixed==0.12.3.1", "tensorboardX"],
+        "triton": ["triton"],
+        # accelerate: what transformers.Trainer needs; trl, peft: the SFTTrainer and
+        # LoRA tests of the Trainer hook.
+        "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft"],
     },
+    # Commands on the PATH: add "name = module:function" lines here.
     entry_points={
         "console_scripts": [],
     },

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Create or update .venv/ with everything scalegrad needs. Idempotent: a second
-# run with nothing changed returns in about a second.
+# Create or update .venv/ with everything scalegrad needs, fairseq and the test
+# tools included (pip install -e ".[fairseq,dev]"). Idempotent: a second run with
+# nothing changed returns in about a second. The light core alone is a plain
+# `pip install .` into an environment that has torch (see the README).
 #
-#   PYTHON=python3.10 bash scripts/setup_env.sh      # another interpreter
+#   PYTHON=python3.10 bash scripts/setup_env.sh      # another interpreter (3.10 to 3.13)
 #   SCALEGRAD_TORCH_SPEC='torch==2.5.1' bash ...      # another torch
 #   SCALEGRAD_SYSTEM_SITE_PACKAGES=1 bash ...         # see the system's (CUDA) torch
 set -euo pipefail
@@ -43,7 +45,7 @@ fi
 # here, so its build must see them (no build isolation).
 "${PIP[@]}" install -q cython "numpy>=1.21.3"
 echo "setup: installing scalegrad and its dependencies (the first fairseq build takes a few minutes)"
-"${PIP[@]}" install -q --no-build-isolation -e ".[dev]"
+"${PIP[@]}" install -q --no-build-isolation -e ".[fairseq,dev]"
 
 # The torchaudio trap: fairseq requires torchaudio, pip installs a release that
 # cannot load next to this torch, and transformers imports torchaudio when it is
@@ -57,11 +59,11 @@ if "${PIP[@]}" show -q torchaudio >/dev/null 2>&1; then
 fi
 
 "$VENV/bin/python" - <<'PY'
-import fairseq, transformers, torch
+import fairseq, peft, transformers, torch, trl
 from transformers import GPT2LMHeadModel  # noqa: F401
 import scalegrad
 assert scalegrad.fairseq_registered(), "fairseq components did not register"
 print(f"setup: ok (torch {torch.__version__}, fairseq {fairseq.__version__}, "
-      f"transformers {transformers.__version__})")
+      f"transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__})")
 PY
 echo "$WANT" > "$STAMP"
