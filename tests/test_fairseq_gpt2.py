@@ -34,8 +34,7 @@ from fairseq.data import Dictionary  # noqa: E402
 from fairseq.data import indexed_dataset  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
-import scalegrad  # noqa: E402
-from scalegrad import data  # noqa: E402
+from scalegrad import data, register_fairseq  # noqa: E402
 from scalegrad.errors import UserError  # noqa: E402
 from scalegrad.fairseq_plugin.checkpoints import export_to_hf  # noqa: E402
 from scalegrad.fairseq_plugin.evaluation import (  # noqa: E402
@@ -49,7 +48,7 @@ from scalegrad.losses import scalegrad_loss  # noqa: E402
 from scalegrad.metrics import ngram_metrics  # noqa: E402
 from scalegrad.fairseq_plugin.tasks.gpt2_language_modeling import greedy_completions  # noqa: E402
 
-scalegrad.register_fairseq()
+register_fairseq()
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO / "scalegrad"

@@ -25,13 +25,13 @@ from fairseq import options, tasks  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.logging import metrics as fairseq_metrics  # noqa: E402
 
-import scalegrad  # noqa: E402
+from scalegrad import register_fairseq  # noqa: E402
 from scalegrad.losses import scalegrad_loss  # noqa: E402
 from scalegrad.metrics import RANKING_METRIC_NAMES, ngram_metrics, ranking_metrics  # noqa: E402
 from scalegrad.unlikelihood import ngram_repeat_mask  # noqa: E402
 from tests.references import dense_candidate_penalty  # noqa: E402
 
-scalegrad.register_fairseq()
+register_fairseq()
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO / "scalegrad"

@@ -200,7 +200,7 @@ def test_resume_refuses_a_changed_split(tiny_model_dir, short_data_base, long_da
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir, short_data_base, tmp_path,
                                                        monkeypatch, caplog):
-    import scalegrad.gpt2.trainer as trainer_module
+    from scalegrad.gpt2 import trainer as trainer_module
 
     real_loss = trainer_module.scalegrad_loss
     calls = {"n": 0}
