@@ -30,6 +30,7 @@ more dense tensors in its backward pass. For memory beyond that, see
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "scalegrad_loss", "check_gamma", "first_occurrence_mask", "novelty_masks",
-    "scalegrad_terms", "scalegrad_logit_grad_", "split_ignored",
+    "scalegrad_terms", "scalegrad_logit_grad_", "split_ignored", "triton_available",
 ]
 
 
@@ -205,6 +206,34 @@ class _ScaleGradLoss(torch.autograd.Function):
         return grad.to(logits.dtype), None, None, None, None
 
 
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the Triton kernels import (``impl="auto"`` never fails without them)."""
+    try:
+        importlib.import_module(f"{__package__}.triton_scalegrad")
+    except Exception as error:  # ImportError, or a Triton that cannot load its backend
+        logger.info("Triton kernels unavailable, the torch path is used: %s", error)
+        return False
+    return True
+
+
+def _use_triton(impl: str, logits: torch.Tensor) -> bool:
+    if impl == "torch":
+        return False
+    if impl == "auto":
+        return logits.is_cuda and logits.dtype != torch.float64 and triton_available()
+    if impl != "triton":
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "impl='triton' needs Triton, which is not installed: pip install \"scalegrad[triton]\" "
+            "(or use impl='torch')"
+        ) from None
+    return True
+
+
 def scalegrad_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -213,6 +242,7 @@ def scalegrad_loss(
     ignore_index: int | None = None,
     eps: float = 1e-8,
     reduction: str = "sum",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """The ScaleGrad loss of ``logits`` against ``target``.
 
@@ -229,6 +259,11 @@ def scalegrad_loss(
             normalising, as the original does.
         reduction: ``"sum"`` (a scalar) or ``"none"`` (``(batch, time)``, zero
             at ignored positions).
+        impl: ``"torch"`` (this module's code, the reference), ``"triton"``
+            (the fused kernels of :mod:`scalegrad.triton_scalegrad`: CUDA
+            tensors, float32 accumulation, needs ``pip install "scalegrad[triton]"``)
+            or ``"auto"``: Triton for CUDA tensors (not float64) when it
+            imports, torch otherwise.
 
     Each row of the batch is its own sequence: the context of position ``t``
     is the row's targets before ``t`` (quirk of the original, kept: the first
@@ -243,8 +278,13 @@ def scalegrad_loss(
             "expected logits (batch, time, vocab) and target (batch, time), got "
             f"{tuple(logits.shape)} and {tuple(target.shape)}"
         )
-    target, valid = split_ignored(target, ignore_index)
-    losses = _ScaleGradLoss.apply(logits, target, valid, gamma, eps)
+    if _use_triton(impl, logits):
+        from .triton_scalegrad import triton_scalegrad_losses
+
+        losses = triton_scalegrad_losses(logits, target, gamma, eps=eps, ignore_index=ignore_index)
+    else:
+        target, valid = split_ignored(target, ignore_index)
+        losses = _ScaleGradLoss.apply(logits, target, valid, gamma, eps)
     if reduction == "none":
         return losses
     return losses.sum()
