@@ -10,6 +10,8 @@ kernels). Positions are independent given the targets, so chunking is exact.
 
 The gradient with respect to each chunk's logits is the closed form of
 :mod:`scalegrad.losses` (``scalegrad_logit_grad_``), shared with the plain loss.
+The same pass can also return what the token-level metrics need (``statistics=True``),
+so a training step never makes a chunk's logits twice.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ __all__ = ["fused_linear_scalegrad_loss", "chunked_logit_statistics"]
 
 class _FusedLinearScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, valid, gamma, eps, chunk_size):
+    def forward(ctx, hidden, weight, bias, target, valid, gamma, eps, chunk_size, statistics):
         batch, time, dim = hidden.shape
         vocab = weight.shape[0]
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -43,14 +45,14 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
         )
         total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
         flat_valid = valid.reshape(-1) if valid is not None else None
+        parts: dict[str, list] = {"nll": [], "higher": [], "predictions": []}
 
         for start in range(0, batch * time, chunk_size):
             stop = min(start + chunk_size, batch * time)
             h = flat_hidden[start:stop]
-            logits = h @ weight.t()
-            if bias is not None:
-                logits = logits + bias
-            logits = logits.to(compute_dtype)
+            # As the model's head computes them (one addmm with a bias), so the
+            # statistics compare the same values as logits from the head would.
+            logits = F.linear(h, weight, bias).to(compute_dtype)
             lse = logits.logsumexp(dim=1, keepdim=True)
             y = flat_target[start:stop]
             rows = row_of[start:stop]
@@ -58,7 +60,12 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
             context_ids = target[rows]  # (chunk, time)
             in_context = in_context_all[rows, positions]
             target_seen = target_seen_all[rows, positions]
-            target_lprobs = logits.gather(1, y[:, None]).squeeze(1) - lse.squeeze(1)
+            target_logits = logits.gather(1, y[:, None])
+            target_lprobs = target_logits.squeeze(1) - lse.squeeze(1)
+            if statistics:  # from these logits, before they become the gradient below
+                parts["nll"].append(lse.squeeze(1) - target_logits.squeeze(1))
+                parts["higher"].append((logits > target_logits).sum(dim=1))
+                parts["predictions"].append(logits.argmax(dim=1))
             context_lprobs = logits.gather(1, context_ids) - lse
             loss, aux = scalegrad_terms(
                 target_lprobs, context_lprobs, in_context, target_seen, gamma, eps, vocab
@@ -90,17 +97,24 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
         )
-        return total
+        if not statistics:
+            return total
+        stats = tuple(torch.cat(values) if values else torch.zeros(0, dtype=dtype, device=hidden.device)
+                      for values, dtype in ((parts["nll"], compute_dtype),
+                                            (parts["higher"], torch.int64),
+                                            (parts["predictions"], torch.int64)))
+        ctx.mark_non_differentiable(*stats)
+        return (total, *stats)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_statistics_grads):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output
         return (
             grad_hidden * scale if grad_hidden is not None else None,
             grad_weight * scale if grad_weight is not None else None,
             grad_bias * scale if grad_bias is not None else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
@@ -114,7 +128,8 @@ def fused_linear_scalegrad_loss(
     ignore_index: int | None = None,
     eps: float = 1e-8,
     chunk_size: int = 256,
-) -> torch.Tensor:
+    statistics: bool = False,
+):
     """Summed ScaleGrad loss of ``logits = hidden @ weight.T (+ bias)``, equal in
     value and gradients to ``scalegrad_loss(logits, target, gamma, ...)``, with
     at most ``chunk_size`` positions' logits in memory at a time.
@@ -124,6 +139,16 @@ def fused_linear_scalegrad_loss(
     ``hidden``, ``weight`` and ``bias``; the gradients are computed during the
     forward pass, so call ``backward`` on the result (or on a scalar multiple
     of it) once.
+
+    With ``statistics=True`` returns ``(loss, stats)``: per flattened position,
+    from the very logits each chunk's loss is computed from (no second matmul),
+    ``stats["nll"]`` (``logsumexp(logits) - logits[target]``, natural log, in
+    float32, float64 for float64 inputs), ``stats["higher"]`` (how many logits
+    are strictly greater than the target's) and ``stats["predictions"]`` (the
+    argmax): what :func:`scalegrad.metrics.token_statistics` gives from the full
+    logits. At positions equal to ``ignore_index`` they are meaningless (the
+    caller drops them). Under autocast the head's matmul runs in the autocast
+    dtype, as the model's own head would.
     """
     gamma = check_gamma(gamma)
     if hidden.dim() != 3 or target.shape != hidden.shape[:2]:
@@ -137,7 +162,12 @@ def fused_linear_scalegrad_loss(
     if not torch.is_grad_enabled():  # no gradient work under torch.no_grad()
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
-    return _FusedLinearScaleGrad.apply(hidden, weight, bias, target, valid, gamma, eps, chunk_size)
+    out = _FusedLinearScaleGrad.apply(hidden, weight, bias, target, valid, gamma, eps, chunk_size,
+                                      statistics)
+    if not statistics:
+        return out
+    loss, nll, higher, predictions = out
+    return loss, {"nll": nll, "higher": higher, "predictions": predictions}
 
 
 @torch.no_grad()
@@ -155,7 +185,8 @@ def chunked_logit_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias,
     With ``higher`` and ``predictions``, :func:`scalegrad.metrics.ranking_metrics_from_ranks`
     gives the token-level metrics. Under autocast the matmul runs in the autocast
     dtype, as the plain path's head. The full logits never exist; the cost is one
-    more forward matmul of the head.
+    more forward matmul of the head (when the loss is computed too, ask
+    :func:`fused_linear_scalegrad_loss` for ``statistics=True`` instead: one pass).
     """
     flat_hidden = hidden.detach().reshape(-1, hidden.size(-1))
     flat_target = target.reshape(-1).long()

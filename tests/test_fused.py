@@ -57,3 +57,55 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
         value = fused_linear_scalegrad_loss(hidden, weight, target, 0.2, bias=bias)
     assert calls == [] and value.grad_fn is None
     torch.testing.assert_close(value, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("ignore_index", [None, 4])
+def test_statistics_from_the_same_pass_equal_the_full_logits(dtype, ignore_index):
+    """statistics=True: the loss and gradients are unchanged, and nll / higher /
+    predictions equal token_statistics of the full logits (a second route)."""
+    from scalegrad.metrics import token_statistics
+
+    hidden, weight, bias, target = _case(11, time=29, vocab=23, dtype=dtype)
+    if ignore_index is not None:
+        target[1, -5:] = ignore_index
+    loss, stats = fused_linear_scalegrad_loss(hidden, weight, target, 0.5, bias=bias,
+                                              ignore_index=ignore_index, chunk_size=6,
+                                              statistics=True)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    plain = fused_linear_scalegrad_loss(hidden, weight, target, 0.5, bias=bias,
+                                        ignore_index=ignore_index, chunk_size=6)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    for a, b in zip(grads, torch.autograd.grad(plain, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    logits = torch.nn.functional.linear(hidden, weight, bias).detach().reshape(-1, 23)
+    flat = target.reshape(-1)
+    keep = flat != ignore_index if ignore_index is not None else torch.ones_like(flat, dtype=torch.bool)
+    expected = token_statistics(logits[keep], flat[keep])
+    assert stats["higher"].shape == stats["predictions"].shape == (flat.numel(),)
+    assert torch.equal(stats["higher"][keep], expected["higher"])
+    assert torch.equal(stats["predictions"][keep], expected["predictions"])
+    torch.testing.assert_close(stats["nll"][keep], expected["nll"].to(stats["nll"].dtype),
+                               rtol=1e-5, atol=1e-5)
+    # by hand, for one position: the logits above the target's, and the NLL
+    row = int(keep.nonzero()[3])
+    assert int(stats["higher"][row]) == int((logits[row] > logits[row, flat[row]]).sum())
+    assert float(stats["nll"][row]) == pytest.approx(
+        float(-torch.log_softmax(logits[row].double(), 0)[flat[row]]), rel=1e-5)
+
+
+def test_statistics_make_each_chunk_logits_once(monkeypatch):
+    """One head matmul per chunk in all (the statistics add none), and none of
+    the statistics needs a gradient."""
+    from scalegrad import fused
+
+    hidden, weight, bias, target = _case(12, time=20)
+    calls = []
+    linear = fused.F.linear
+    monkeypatch.setattr(fused.F, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    loss, stats = fused_linear_scalegrad_loss(hidden, weight, target, 0.2, bias=bias,
+                                              chunk_size=7, statistics=True)
+    loss.backward()
+    assert len(calls) == 6  # 40 positions in chunks of 7
+    assert not any(value.requires_grad for value in stats.values())

@@ -24,7 +24,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from ...hf import unwrap
-from ...fused import chunked_logit_statistics, fused_linear_scalegrad_loss
+from ...fused import fused_linear_scalegrad_loss
 from ...losses import check_gamma, scalegrad_loss
 from ...metrics import ranking_metrics_from_ranks
 from .token_metrics import (
@@ -64,7 +64,7 @@ class ScaleGradCriterionConfig(FairseqDataclass):
             "--fused-chunk-size positions at a time, without the full (batch, time, vocab) "
             "logits (the same loss and gradients). Only --arch gpt2_pretrained allows it; "
             "with another model the criterion warns once and uses the logits. nll_loss and "
-            "the token metrics come from logits remade chunk by chunk without gradients"
+            "the token metrics come from the same chunks of logits"
         },
     )
     fused_chunk_size: int = field(
@@ -158,7 +158,7 @@ class ScaleGradCriterion(FairseqCriterion):
 
     def _fused_forward(self, model, inner, sample, compute_metrics):
         """``forward`` with ``--fused-loss``: the loss from the hidden states, ``nll_loss``
-        and the token metrics from logits remade chunk by chunk without gradients."""
+        and the token metrics from the same chunks of logits (one pass)."""
 
         # Through the model's (wrapper's) forward, so DDP sees the pass.
         hidden, _ = model(**sample["net_input"], features_only=True)
@@ -166,16 +166,13 @@ class ScaleGradCriterion(FairseqCriterion):
         # Under torch.no_grad() (validation) fused_linear_scalegrad_loss skips its
         # gradient work itself.
         weight, bias = inner.output_projection()
-        loss = fused_linear_scalegrad_loss(
+        # One pass: nll and ranks come from the logits the loss is computed from.
+        loss, stats = fused_linear_scalegrad_loss(
             hidden, weight, target, self.gamma, bias=bias, ignore_index=self.padding_idx,
-            eps=self.eps, chunk_size=self.fused_chunk_size,
+            eps=self.eps, chunk_size=self.fused_chunk_size, statistics=True,
         )
         compute = self.metrics_schedule(model, compute_metrics)
         valid = target != self.padding_idx
-        stats = chunked_logit_statistics(
-            hidden, weight, bias, target.masked_fill(~valid, 0), self.fused_chunk_size,
-            ranks=compute,
-        )
         keep = valid.reshape(-1)
         nll_loss = stats["nll"].masked_fill(~keep, 0.0).sum()
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
