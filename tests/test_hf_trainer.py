@@ -1,11 +1,11 @@
-"""ScaleGrad through the Hugging Face Trainer's loss hook (scalegrad.gpt2.hf_trainer)."""
+"""ScaleGrad through the Hugging Face Trainer's loss hook (scalegrad.hf_trainer), causal LMs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scalegrad.gpt2.hf_trainer import ScaleGradLoss, scalegrad_trainer
+from scalegrad import ScaleGradLoss, scalegrad_trainer
 from tests.references import dense_scalegrad_loss
 
 
@@ -32,6 +32,28 @@ def test_gamma_one_is_the_models_own_loss(tiny_model_dir):
     outputs = model(input_ids=ids, labels=ids)
     ours = ScaleGradLoss(1.0)(outputs, ids)
     assert ours.item() == pytest.approx(outputs.loss.item(), rel=1e-5)
+
+
+def test_the_former_import_path_still_works():
+    from scalegrad.gpt2 import hf_trainer
+
+    assert hf_trainer.ScaleGradLoss is ScaleGradLoss and hf_trainer.scalegrad_trainer is scalegrad_trainer
+
+
+def test_causal_outputs_are_shifted_and_mismatched_labels_refused():
+    logits = torch.randn(1, 5, 7, dtype=torch.float64)
+    labels = torch.randint(0, 7, (1, 5))
+    outputs = {"logits": logits}
+    auto = ScaleGradLoss(0.3)(outputs, labels)
+    assert auto.item() == pytest.approx(ScaleGradLoss(0.3, shift_labels=True)(outputs, labels).item(), rel=1e-12)
+    unshifted = dense_scalegrad_loss(logits, labels, 0.3).sum() / 5
+    assert ScaleGradLoss(0.3, shift_labels=False)(outputs, labels).item() == pytest.approx(unshifted.item(), rel=1e-10)
+    assert abs(auto.item() - unshifted.item()) > 1e-3
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 5, 7\) do not match labels of shape \(1, 4\); "
+                                         r"the labels must be a copy of input_ids"):
+        ScaleGradLoss(0.3)(outputs, labels[:, :4])
+    with pytest.raises(ValueError, match="needs labels in the batch"):
+        ScaleGradLoss(0.3)(outputs, None)
 
 
 def test_bad_gamma_is_refused():
