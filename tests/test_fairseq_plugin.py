@@ -194,6 +194,88 @@ def test_metrics_schedule_and_constant_keys(data_bin):
     assert log["normalizer"] > 0 and list(log) == list(logs[0])
 
 
+@pytest.mark.parametrize("name", ["scalegrad", "cross_entropy_wcustom_metrics",
+                                  "candidate_penalty_cross_entropy"])
+def test_metrics_at_every_call_outside_the_generation_task(data_bin, name):
+    """Under another task the original computed the token metrics at every call
+    (its forward keyword compute_custom_metrics defaulted to True); the keyword
+    still decides when given; --compute-metrics-interval thins the calls."""
+    _, task, model, criterion = build(data_bin, "--task", "language_modeling", "--criterion", name)
+    assert criterion.metrics_schedule.interval == 1
+    sample = valid_sample(task)
+    model.train()
+    computed = [criterion(model, sample)[2]["normalizer"] > 0 for _ in range(3)]
+    assert computed == [True, True, True]
+    assert criterion(model, sample, compute_custom_metrics=False)[2]["normalizer"] == 0
+    _, task, model, criterion = build(data_bin, "--task", "language_modeling", "--criterion", name,
+                                      "--compute-metrics-interval", "2")
+    model.train()
+    computed = [criterion(model, sample)[2]["normalizer"] > 0 for _ in range(4)]
+    assert computed == [False, True, False, True]
+    assert criterion(model, sample, compute_custom_metrics=True)[2]["normalizer"] > 0
+
+
+def test_generation_task_interval_and_candidate_type(data_bin):
+    """The original's command line: --candidate-type prev_context is accepted by
+    the task and the token-level criterion; the task's interval (250) is the
+    flag's default and it passes compute_custom_metrics to the criterion."""
+    cfg, task, model, criterion = build(
+        data_bin, "--task", "language_modeling_with_generation",
+        "--criterion", "candidate_penalty_cross_entropy", "--candidate-type", "prev_context",
+        "--rank-alpha", "1.0",
+    )
+    assert cfg.task.candidate_type == "prev_context" == criterion.candidate_type
+    assert task.compute_metrics_interval == 250
+    sample = valid_sample(task)
+    logs = [task.train_step(sample, model, criterion, _BackwardOnly(), update_num=u)[2]
+            for u in range(3)]
+    assert [log["normalizer"] > 0 for log in logs] == [False, False, False]
+    cfg, _, _, criterion = build(data_bin, "--task", "language_modeling",
+                                 "--criterion", "candidate_penalty_cross_entropy",
+                                 "--candidate-type", "prev_context")
+    assert cfg.criterion.candidate_type == "prev_context" == criterion.candidate_type
+    _, _, _, criterion = build(data_bin, "--task", "language_modeling",
+                               "--criterion", "candidate_penalty_cross_entropy")
+    assert criterion.candidate_type == "prev_context"  # the default
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        build(data_bin, "--task", "language_modeling_with_generation",
+              "--criterion", "candidate_penalty_cross_entropy", "--candidate-type", "random")
+
+
+def test_sequence_criterion_reduce_logs_counts(data_bin):
+    """The sequence criterion's aggregate: seq_loss, seq_ntokens, seq_nsentences,
+    seq_sample_size, seq_repeat_mask, seq_pct_repeat_{1..4}grams, and seq_nll_loss
+    only when the sample size is not the token count."""
+    from scalegrad.fairseq_plugin.criterions.sequence_penalty import SequencePenaltyCriterion
+
+    _, task, model, criterion = build(
+        data_bin, "--task", "language_modeling", "--criterion", "sequence_penalty",
+        "--sequence-prefix-length", "8", "--sequence-completion-length", "12",
+    )
+    sample = valid_sample(task)
+    logs = [criterion(model, sample)[2] for _ in range(2)]
+    assert logs[0]["seq_ntokens"] == 3 * 12 and logs[0]["seq_nsentences"] == 3
+    with fairseq_metrics.aggregate() as agg:
+        SequencePenaltyCriterion.reduce_metrics(logs)
+    values = agg.get_smoothed_values()
+    assert values["seq_ntokens"] == 72 and values["seq_nsentences"] == 6
+    assert values["seq_sample_size"] == 72
+    loss_sum = float(logs[0]["seq_loss"] + logs[1]["seq_loss"])
+    assert values["seq_loss"] == pytest.approx(loss_sum / 72 / math.log(2), abs=1e-3)
+    assert values["seq_repeat_mask"] == pytest.approx(
+        (logs[0]["seq_repeat_mask"] + logs[1]["seq_repeat_mask"]) / 72, abs=1e-4)
+    assert values["seq_pct_repeat_1grams"] == pytest.approx(
+        (logs[0]["seq_pct_repeat_1grams"] + logs[1]["seq_pct_repeat_1grams"]) / 6, abs=1e-4)
+    assert "seq_nll_loss" not in values
+    odd = {"seq_loss": 6.0, "seq_ntokens": 30, "seq_nsentences": 2, "seq_sample_size": 2,
+           "seq_repeat_mask": 1.0}
+    with fairseq_metrics.aggregate() as agg:
+        SequencePenaltyCriterion.reduce_sequence_metrics([odd])
+    values = agg.get_smoothed_values()
+    assert values["seq_loss"] == pytest.approx(6.0 / 2 / math.log(2), abs=1e-3)
+    assert values["seq_nll_loss"] == pytest.approx(6.0 / 30 / math.log(2), abs=1e-3)
+
+
 def test_reduce_metrics_sums_and_median_mean(data_bin):
     """Aggregation: ratios over the summed normalizer; median = mean of the
     per-call medians; nll_loss and ppl in bits per token."""
@@ -449,23 +531,28 @@ def test_gamma_one_matches_cross_entropy_from_a_copy(data_bin, tmp_path):
     shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     common = ["--task", "language_modeling", "--arch", "transformer_lm", "--max-update", "2"]
     _, _, ce = fairseq_train(data_bin, *common, "--criterion", "cross_entropy")
+    # no --compute-metrics-interval: outside language_modeling_with_generation the
+    # token metrics come at every step, as the original's criteria computed them
     _, output, sg = fairseq_train(data_bin, *common, "--criterion", "scalegrad", "--gamma", "1",
-                                  "--compute-metrics-interval", "1", user_dir=copy)
+                                  user_dir=copy)
     assert "criterion: ScaleGradCriterion" in output
     first_ce = float(ce["train_inner"][0]["loss"])
     assert float(sg["train_inner"][0]["loss"]) == pytest.approx(first_ce, abs=2e-3)
     assert float(sg["train_inner"][0]["nll_loss"]) == pytest.approx(first_ce, abs=1e-3)
     assert float(sg["valid"][-1]["valid_loss"]) == pytest.approx(
         float(ce["valid"][-1]["valid_loss"]), abs=2e-3)
-    assert METRIC_KEYS <= set(sg["train_inner"][0])
+    assert all(METRIC_KEYS <= set(record) for record in sg["train_inner"])
 
 
 @pytest.mark.slow
 def test_train_task_with_sequence_level_steps(data_bin):
+    """The unlikelihood module's command line (--candidate-type prev_context,
+    --rank-alpha) with sequence-level steps mixed in."""
     _, _, logs = fairseq_train(
         data_bin, "--task", "language_modeling_with_generation", "--arch", "transformer_lm_ul",
         "--decoder-input-dim", "64", "--decoder-output-dim", "64",
-        "--criterion", "candidate_penalty_cross_entropy", "--sequence-level-train-rate", "0.5",
+        "--criterion", "candidate_penalty_cross_entropy", "--candidate-type", "prev_context",
+        "--rank-alpha", "1.0", "--sequence-level-train-rate", "0.5",
         "--sequence-ngram-n", "2", "--sequence-prefix-length", "8",
         "--sequence-completion-length", "16", "--compute-metrics-interval", "1",
         "--max-update", "6",
@@ -475,7 +562,11 @@ def test_train_task_with_sequence_level_steps(data_bin):
     main = [r for r in train if r.get("custom_loss") is not None]
     assert seq and main
     assert len(seq) + len(main) == len(train) == 6
-    assert {"seq_loss", "seq_repeat_mask", "seq_pct_repeat_1grams", "seq_pct_repeat_4grams"} <= set(seq[0])
+    assert {"seq_loss", "seq_repeat_mask", "seq_pct_repeat_1grams", "seq_pct_repeat_4grams",
+            "seq_ntokens", "seq_nsentences", "seq_sample_size"} <= set(seq[0])
+    assert "seq_nll_loss" not in seq[0]
+    # 64 // (8 + 16) = 2 continuations of 16 tokens per micro-batch
+    assert all(float(r["seq_ntokens"]) == 16 * float(r["seq_nsentences"]) for r in seq)
     assert all(math.isfinite(float(r["seq_loss"])) for r in seq)
     assert METRIC_KEYS <= set(main[0]) and main[0]["hits_at_1"] is not None
     assert {"valid_loss", "valid_custom_loss", "valid_hits_at_1"} <= set(logs["valid"][-1])
@@ -491,7 +582,10 @@ def test_train_sequence_penalty_criterion(data_bin):
     )
     train = logs["train_inner"]
     assert len(train) == 3
-    assert {"loss", "seq_loss", "seq_repeat_mask", "seq_pct_repeat_4grams"} <= set(train[0])
+    assert {"loss", "seq_loss", "seq_repeat_mask", "seq_pct_repeat_4grams", "seq_ntokens",
+            "seq_nsentences", "seq_sample_size"} <= set(train[0])
+    assert float(train[0]["seq_sample_size"]) == float(train[0]["seq_ntokens"]) == 16 * float(
+        train[0]["seq_nsentences"])
     assert 0.0 < float(train[0]["seq_repeat_mask"]) < 1.0
     assert "valid_seq_loss" in logs["valid"][-1]
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 from fairseq import utils
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
@@ -15,14 +15,29 @@ from ...unlikelihood import candidate_penalty_loss
 from .token_metrics import (
     TOKEN_METRIC_KEYS,
     TokenMetricsSchedule,
+    interval_field,
     model_scores,
     reduce_token_metrics,
     token_metrics_logging,
 )
 
+CANDIDATE_TYPES = ChoiceEnum(["prev_context"])
+
+
+def candidate_type_field():
+    """``--candidate-type``, declared by this criterion and by the task
+    ``language_modeling_with_generation`` as in the original: ``prev_context``
+    (the previous targets) is its only choice."""
+    return field(
+        default="prev_context",
+        metadata={"help": "the token-level candidates: prev_context (the previous targets "
+                          "other than the current one), the only choice, as in the original"},
+    )
+
 
 @dataclass
 class CandidatePenaltyCrossEntropyConfig(FairseqDataclass):
+    candidate_type: CANDIDATE_TYPES = candidate_type_field()
     rank_alpha: float = field(
         default=1.0,
         metadata={"help": "weight of the candidate penalty (the paper's alpha), >= 0"},
@@ -35,13 +50,7 @@ class CandidatePenaltyCrossEntropyConfig(FairseqDataclass):
             "candidates cross rows, and penalises the padding id everywhere)"
         },
     )
-    compute_metrics_interval: int = field(
-        default=250,
-        metadata={
-            "help": "compute the token-level ranking metrics on every N-th training "
-            "step (always in validation; 0: only in validation)"
-        },
-    )
+    compute_metrics_interval: int = interval_field()
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
@@ -54,11 +63,18 @@ class CandidatePenaltyCrossEntropyCriterion(FairseqCriterion):
     Logs ``loss`` (the NLL part only, bits), ``custom_loss`` (the penalty,
     unweighted, bits), ``nll_loss`` when the sample size is not the token
     count, ``ppl`` and the token-level metrics.
+
+    ``forward(..., compute_custom_metrics=None)``: the original's keyword; True or
+    False decides, None follows ``--compute-metrics-interval``.
     """
 
-    def __init__(self, task, rank_alpha=1.0, candidates_per_row=False,
-                 compute_metrics_interval=250, sentence_avg=False):
+    def __init__(self, task, candidate_type="prev_context", rank_alpha=1.0,
+                 candidates_per_row=False, compute_metrics_interval=1, sentence_avg=False):
         super().__init__(task)
+        if str(candidate_type) != "prev_context":
+            raise ValueError(f"--candidate-type (criterion.candidate_type) must be 'prev_context', "
+                             f"got {candidate_type!r}")
+        self.candidate_type = str(candidate_type)
         if rank_alpha is None or not (math.isfinite(rank_alpha) and rank_alpha >= 0):
             raise ValueError(f"--rank-alpha (criterion.rank_alpha) must be a number >= 0, got {rank_alpha}")
         self.rank_alpha = float(rank_alpha)
@@ -66,7 +82,7 @@ class CandidatePenaltyCrossEntropyCriterion(FairseqCriterion):
         self.sentence_avg = sentence_avg
         self.metrics_schedule = TokenMetricsSchedule(compute_metrics_interval)
 
-    def forward(self, model, sample, reduce=True, compute_metrics: Optional[bool] = None):
+    def forward(self, model, sample, reduce=True, compute_custom_metrics: Optional[bool] = None):
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
@@ -92,7 +108,7 @@ class CandidatePenaltyCrossEntropyCriterion(FairseqCriterion):
         logging_output.update(
             token_metrics_logging(
                 model_scores(model, net_output), target, self.padding_idx,
-                compute=self.metrics_schedule(model, compute_metrics),
+                compute=self.metrics_schedule(model, compute_custom_metrics),
             )
         )
         return loss, sample_size, logging_output

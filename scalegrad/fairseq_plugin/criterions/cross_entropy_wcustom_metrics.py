@@ -1,7 +1,7 @@
 """``cross_entropy_wcustom_metrics``: fairseq's cross-entropy plus the
 token-level metrics of ``docs/reference.md``, section 2 (the unlikelihood module's baseline)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from fairseq.criterions import register_criterion
@@ -10,6 +10,7 @@ from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropy
 from .token_metrics import (
     TOKEN_METRIC_KEYS,
     TokenMetricsSchedule,
+    interval_field,
     model_scores,
     reduce_token_metrics,
     token_metrics_logging,
@@ -18,13 +19,7 @@ from .token_metrics import (
 
 @dataclass
 class CrossEntropyWCustomMetricsConfig(CrossEntropyCriterionConfig):
-    compute_metrics_interval: int = field(
-        default=250,
-        metadata={
-            "help": "compute the token-level ranking metrics on every N-th training "
-            "step (always in validation; 0: only in validation)"
-        },
-    )
+    compute_metrics_interval: int = interval_field()
 
 
 @register_criterion("cross_entropy_wcustom_metrics", dataclass=CrossEntropyWCustomMetricsConfig)
@@ -32,13 +27,16 @@ class CrossEntropyWCustomMetricsCriterion(CrossEntropyCriterion):
     """Cross-entropy (loss in bits, ``nll_loss`` when the sample size is not the
     token count, ``ppl``) and the token-level metrics: ``target_rank``,
     ``median_target_rank``, ``hits_at_1`` (the paper's acc), ``hits_at_10``,
-    ``repeat_at_1/{l}``, ``wrong_repeat_at_1/{l}``, ``human_repeat_at_1/{l}``."""
+    ``repeat_at_1/{l}``, ``wrong_repeat_at_1/{l}``, ``human_repeat_at_1/{l}``.
 
-    def __init__(self, task, sentence_avg, compute_metrics_interval=250):
+    ``forward(..., compute_custom_metrics=None)``: the original's keyword; True or
+    False decides, None follows ``--compute-metrics-interval``."""
+
+    def __init__(self, task, sentence_avg, compute_metrics_interval=1):
         super().__init__(task, sentence_avg)
         self.metrics_schedule = TokenMetricsSchedule(compute_metrics_interval)
 
-    def forward(self, model, sample, reduce=True, compute_metrics: Optional[bool] = None):
+    def forward(self, model, sample, reduce=True, compute_custom_metrics: Optional[bool] = None):
         net_output = model(**sample["net_input"])
         loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -52,7 +50,7 @@ class CrossEntropyWCustomMetricsCriterion(CrossEntropyCriterion):
         logging_output.update(
             token_metrics_logging(
                 model_scores(model, net_output), target, self.padding_idx,
-                compute=self.metrics_schedule(model, compute_metrics),
+                compute=self.metrics_schedule(model, compute_custom_metrics),
             )
         )
         return loss, sample_size, logging_output

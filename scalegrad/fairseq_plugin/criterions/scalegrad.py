@@ -31,6 +31,7 @@ from .token_metrics import (
     MEDIAN_COUNT,
     TOKEN_METRIC_KEYS,
     TokenMetricsSchedule,
+    interval_field,
     model_scores,
     reduce_token_metrics,
     token_metrics_logging,
@@ -50,13 +51,7 @@ class ScaleGradCriterionConfig(FairseqDataclass):
         default=1e-8,
         metadata={"help": "added to every rescaled probability before normalising"},
     )
-    compute_metrics_interval: int = field(
-        default=250,
-        metadata={
-            "help": "compute the token-level ranking metrics on every N-th training "
-            "step (always in validation; 0: only in validation)"
-        },
-    )
+    compute_metrics_interval: int = interval_field()
     fused_loss: bool = field(
         default=False,
         metadata={
@@ -86,9 +81,12 @@ class ScaleGradCriterion(FairseqCriterion):
     Logs ``loss`` (the ScaleGrad objective, bits per sample-size unit),
     ``nll_loss`` (the plain NLL of the model's own distribution, bits per
     token), ``ppl`` (from ``nll_loss``) and the token-level metrics.
+
+    ``forward(..., compute_custom_metrics=None)``: as the unlikelihood module's
+    criteria, True or False decides, None follows ``--compute-metrics-interval``.
     """
 
-    def __init__(self, task, gamma=0.2, sg_eps=1e-8, compute_metrics_interval=250,
+    def __init__(self, task, gamma=0.2, sg_eps=1e-8, compute_metrics_interval=1,
                  fused_loss=False, fused_chunk_size=256, sentence_avg=False):
         super().__init__(task)
         self.gamma = check_gamma(gamma, name="--gamma (criterion.gamma)")
@@ -126,11 +124,11 @@ class ScaleGradCriterion(FairseqCriterion):
             self._fused_model, self._fused_allowed = inner, reason is None
         return inner if self._fused_allowed else None
 
-    def forward(self, model, sample, reduce=True, compute_metrics: Optional[bool] = None):
+    def forward(self, model, sample, reduce=True, compute_custom_metrics: Optional[bool] = None):
         if self.fused_loss:
             inner = self._fused_model_of(model, sample)
             if inner is not None:
-                return self._fused_forward(model, inner, sample, compute_metrics)
+                return self._fused_forward(model, inner, sample, compute_custom_metrics)
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)
         scores = model_scores(model, net_output)
@@ -151,12 +149,12 @@ class ScaleGradCriterion(FairseqCriterion):
         logging_output.update(
             token_metrics_logging(
                 scores, target, self.padding_idx,
-                compute=self.metrics_schedule(model, compute_metrics),
+                compute=self.metrics_schedule(model, compute_custom_metrics),
             )
         )
         return loss, sample_size, logging_output
 
-    def _fused_forward(self, model, inner, sample, compute_metrics):
+    def _fused_forward(self, model, inner, sample, compute_custom_metrics):
         """``forward`` with ``--fused-loss``: the loss from the hidden states, ``nll_loss``
         and the token metrics from the same chunks of logits (one pass)."""
 
@@ -171,7 +169,7 @@ class ScaleGradCriterion(FairseqCriterion):
             hidden, weight, target, self.gamma, bias=bias, ignore_index=self.padding_idx,
             eps=self.eps, chunk_size=self.fused_chunk_size, statistics=True,
         )
-        compute = self.metrics_schedule(model, compute_metrics)
+        compute = self.metrics_schedule(model, compute_custom_metrics)
         valid = target != self.padding_idx
         keep = valid.reshape(-1)
         nll_loss = stats["nll"].masked_fill(~keep, 0.0).sum()

@@ -139,9 +139,13 @@ def greedy_continuation(model, prefixes: torch.Tensor, length: int) -> torch.Ten
 class SequencePenaltyCriterion(FairseqCriterion):
     """Sequence-level unlikelihood on greedy continuations of the batch's prefixes.
 
-    Logs ``seq_loss`` (bits per generated token), ``seq_repeat_mask`` (share of
-    penalised tokens), ``seq_pct_repeat_{N}grams`` (mean over continuations)
-    and, when it is the main criterion, ``loss`` (= ``seq_loss``).
+    Logs ``seq_loss`` (bits per generated token), ``seq_ntokens``,
+    ``seq_nsentences`` and ``seq_sample_size`` (generated tokens, continuations
+    and the sample size, per update), ``seq_nll_loss`` when the sample size is
+    not the token count (as the original's aggregate; here they are always
+    equal), ``seq_repeat_mask`` (share of penalised tokens),
+    ``seq_pct_repeat_{N}grams`` (mean over continuations) and, when it is the
+    main criterion, ``loss`` (= ``seq_loss``).
     """
 
     def __init__(self, task, sequence_ngram_n=1, sequence_prefix_length=16,
@@ -225,10 +229,17 @@ class SequencePenaltyCriterion(FairseqCriterion):
             return float(sum(log.get(key, 0) for log in logging_outputs))
 
         sample_size = total("seq_sample_size")
+        ntokens = total("seq_ntokens")
         nsentences = total("seq_nsentences")
         if sample_size <= 0:
             return
         metrics.log_scalar("seq_loss", total("seq_loss") / sample_size / math.log(2), sample_size, round=3)
+        # The counts, per update (averaged over the log interval, as fairseq's wpb and bsz).
+        metrics.log_scalar("seq_ntokens", ntokens, round=1)
+        metrics.log_scalar("seq_nsentences", nsentences, round=1)
+        metrics.log_scalar("seq_sample_size", sample_size, round=1)
+        if ntokens > 0 and sample_size != ntokens:  # never here: one sample per generated token
+            metrics.log_scalar("seq_nll_loss", total("seq_loss") / ntokens / math.log(2), ntokens, round=3)
         metrics.log_scalar("seq_repeat_mask", total("seq_repeat_mask") / sample_size, sample_size, round=4)
         for n in NGRAM_ORDERS:
             key = f"seq_pct_repeat_{n}grams"

@@ -12,6 +12,7 @@ reported value is their ratio, the mean of the per-call medians, as the
 original's mean over logging outputs.
 """
 
+from dataclasses import field
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "TOKEN_METRIC_KEYS",
     "TokenMetricsSchedule",
     "check_interval",
+    "interval_field",
     "model_scores",
     "token_metrics_logging",
     "reduce_token_metrics",
@@ -42,18 +44,37 @@ def check_interval(interval: int, *, name: str = "--compute-metrics-interval") -
     return int(interval)
 
 
+def interval_field():
+    """The metric criteria's ``--compute-metrics-interval``: 1 by default, i.e. the
+    token metrics at every call, as the original criteria computed them under any
+    task but ``language_modeling_with_generation``. That task declares the same
+    flag (default 250; on fairseq's command line the task's declaration comes
+    first, so its default wins) and passes the decision to the criterion itself."""
+    return field(
+        default=1,
+        metadata={
+            "help": "compute the token-level ranking metrics on every N-th training "
+            "call (1: every call, as the original; always in validation; 0: only in "
+            "validation). Under --task language_modeling_with_generation the task's "
+            "--compute-metrics-interval (default 250) decides"
+        },
+    )
+
+
 class TokenMetricsSchedule:
-    """When to compute the token metrics: always in evaluation, on every
-    ``interval``-th training call in training (the original's counter: the
-    ``interval``-th, ``2 * interval``-th, ... call; never when 0)."""
+    """When to compute the token metrics: as the caller says
+    (``compute_custom_metrics``, the original's forward keyword, passed by
+    ``language_modeling_with_generation``); otherwise always in evaluation and on
+    every ``interval``-th training call in training (the ``interval``-th,
+    ``2 * interval``-th, ... call; every call when 1; never when 0)."""
 
     def __init__(self, interval: int):
         self.interval = check_interval(interval)
         self.train_calls = 0
 
-    def __call__(self, model, compute_metrics: Optional[bool] = None) -> bool:
-        if compute_metrics is not None:
-            return bool(compute_metrics)
+    def __call__(self, model, compute_custom_metrics: Optional[bool] = None) -> bool:
+        if compute_custom_metrics is not None:
+            return bool(compute_custom_metrics)
         if not model.training:
             return True
         self.train_calls += 1

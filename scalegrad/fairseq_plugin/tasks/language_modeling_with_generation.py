@@ -19,11 +19,13 @@ Differences from the original, none of which changes a loss:
 * a batch shorter than one prefix plus one continuation still gets one
   prefix (the original ran an empty sequence-level step then).
 
-``--rank-alpha`` is accepted here too, as the original task did, so the
-original's command lines parse whatever the criterion; with the
-``language_modeling_with_generation`` task the task's
-``--compute-metrics-interval`` decides for this package's criteria (on the
-command line both options are one flag; in a hydra config set
+``--rank-alpha`` and ``--candidate-type`` (``prev_context``, its only choice)
+are accepted here too, as the original task declared them, so the original's
+command lines parse whatever the criterion. With this task the task's
+``--compute-metrics-interval`` decides for this package's criteria: they are
+called with the original's keyword ``compute_custom_metrics`` (on the command
+line the task's and the criteria's options are one flag, with the task's default
+250; in a hydra config set
 ``criterion.compute_metrics_interval: ${task.compute_metrics_interval}``).
 """
 
@@ -35,6 +37,7 @@ from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from ..criterions.candidate_penalty_cross_entropy import CANDIDATE_TYPES, candidate_type_field
 from ..criterions.sequence_penalty import (
     SEQUENCE_LOGGING_KEYS,
     SequenceOptions,
@@ -58,6 +61,7 @@ class LanguageModelingWithGenerationConfig(LanguageModelingConfig, SequenceOptio
         default=0.0,
         metadata={"help": "probability that a training step uses the sequence-level criterion"},
     )
+    candidate_type: CANDIDATE_TYPES = candidate_type_field()
     rank_alpha: float = field(
         default=1.0,
         metadata={
@@ -131,7 +135,7 @@ class LanguageModelingWithGenerationTask(LanguageModelingTask):
         if hasattr(criterion, "metrics_schedule"):  # this package's criteria
             interval = self.compute_metrics_interval
             compute = interval > 0 and self._main_steps % interval == 0
-            return criterion(model, sample, compute_metrics=compute)
+            return criterion(model, sample, compute_custom_metrics=compute)
         return criterion(model, sample)
 
     def _full_logging_output(self, output, criterion, sequence_step):
