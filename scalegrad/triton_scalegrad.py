@@ -89,6 +89,19 @@ def _context_flags_kernel(
 
 
 @triton.jit
+def _context_block(target_row, stride_yt, flags_row, j0, t, vocab, BLOCK_T: tl.constexpr):
+    """Ids of the positions ``j0 ... j0 + BLOCK_T - 1`` of a row and whether each
+    is in the context of position ``t`` (``j < t``, first valid occurrence, an
+    id in range). The flags and the ids are loaded side by side, so that the
+    gather that follows waits on one round trip to memory, not two."""
+    js = j0 + tl.arange(0, BLOCK_T)
+    before = js < t
+    first = (tl.load(flags_row + js, mask=before, other=0) & 1) != 0
+    ids = tl.load(target_row + js * stride_yt, mask=before, other=0).to(tl.int64)
+    return ids, before & first & (ids >= 0) & (ids < vocab)
+
+
+@triton.jit
 def _scalegrad_rows_kernel(
     logits_ptr, stride_lb, stride_lt, rows_per_lb,
     target_ptr, stride_yb, stride_yt, flags_ptr,
@@ -134,10 +147,7 @@ def _scalegrad_rows_kernel(
         mass = 0.0
         if valid:
             for j0 in range(0, t, BLOCK_T):
-                js = j0 + tl.arange(0, BLOCK_T)
-                in_context = (js < t) & ((tl.load(flags_row + js, mask=js < t, other=0) & 1) != 0)
-                ids = tl.load(target_row + js * stride_yt, mask=in_context, other=0).to(tl.int64)
-                in_context = in_context & (ids >= 0) & (ids < vocab)
+                ids, in_context = _context_block(target_row, stride_yt, flags_row, j0, t, vocab, BLOCK_T)
                 z_c = tl.load(logits_row + ids, mask=in_context, other=float("-inf")).to(tl.float32)
                 mass += tl.reduce(tl.where(in_context, tl.exp(z_c - lse), 0.0), 0, _add)
         tl.store(lse_ptr + pid, lse)
@@ -177,10 +187,7 @@ def _scalegrad_rows_kernel(
         tl.debug_barrier()
         if valid:
             for j0 in range(0, t, BLOCK_T):
-                js = j0 + tl.arange(0, BLOCK_T)
-                in_context = (js < t) & ((tl.load(flags_row + js, mask=js < t, other=0) & 1) != 0)
-                ids = tl.load(target_row + js * stride_yt, mask=in_context, other=0).to(tl.int64)
-                in_context = in_context & (ids >= 0) & (ids < vocab)
+                ids, in_context = _context_block(target_row, stride_yt, flags_row, j0, t, vocab, BLOCK_T)
                 z_c = tl.load(logits_row + ids, mask=in_context, other=0.0).to(tl.float32)
                 g = tl.exp(z_c - lse) * (common + context_weight)
                 g = tl.where(ids == y, g - target_weight, g)
@@ -192,7 +199,7 @@ INTERPRETED = type(_scalegrad_rows_kernel).__name__ == "InterpretedFunction"
 # Block sizes: positions per flags program and per context gather, and the
 # largest vocabulary block (the tests shrink them to exercise every loop).
 FLAGS_BLOCK = 64
-CONTEXT_BLOCK = 64
+CONTEXT_BLOCK = 256
 MAX_VOCAB_BLOCK = 4096 if INTERPRETED else 16384
 
 

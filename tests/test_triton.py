@@ -9,6 +9,7 @@ torch path (the reference), and once more with the literal dense definition.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -218,3 +219,21 @@ def test_cpu_tensors_outside_the_interpreter_are_refused():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert "impl='triton' runs on CUDA tensors" in out.stdout
     assert "TRITON_INTERPRET=1" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_harness_runs_in_the_interpreter(tmp_path):
+    """benchmarks/triton_bench.py, on tiny CPU shapes in Triton's interpreter, so that
+    a lent GPU's time is not spent on a broken harness (the figures mean nothing here)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", SCALEGRAD_SKIP_FAIRSEQ="1")
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "triton_bench.py"), "--device", "cpu",
+         "--out-dir", str(tmp_path), "--name", "smoke"],
+        capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "smoke.json").read_text())
+    assert results["check"] and all(row["ok"] for row in results["check"])
+    assert set(results["loss"][0]["seconds"]) == {"cross_entropy", "scalegrad_torch", "scalegrad_triton"}
+    assert "fused_scalegrad" in results["train_step"][0]["seconds"]
+    assert "| 1x6x37 | fp32 |" in (tmp_path / "smoke.md").read_text()
