@@ -26,6 +26,8 @@ __all__ = [
     "token_statistics",
     "repeat_at_1",
     "aggregate_ranking_metrics",
+    "aggregate_sequence_metrics",
+    "ngram_metric_sums",
     "token_level_summary",
     "ngram_metrics",
     "NgramMetrics",
@@ -208,6 +210,33 @@ def aggregate_ranking_metrics(logging_outputs: Sequence[dict]) -> dict:
     return out
 
 
+def aggregate_sequence_metrics(logging_outputs: Sequence[dict]) -> dict:
+    """The sequence-level training metrics (``seq_*``) of per-step logging outputs
+    (``seq_loss``, ``seq_ntokens``, ``seq_nsentences``, ``seq_sample_size``,
+    ``seq_repeat_mask`` and :func:`ngram_metric_sums`' ``pct_repeat_{N}grams``), as
+    the parent script's ``SequencePenaltyCriterion.aggregate_logging_outputs``:
+    ``seq_loss`` in bits per generated token, ``seq_repeat_mask`` the share of
+    penalised tokens, ``seq_pct_repeat_{N}grams`` the mean over continuations."""
+    def total(key):
+        return sum(log.get(key, 0) for log in logging_outputs)
+
+    loss_sum, ntokens = total("seq_loss"), total("seq_ntokens")
+    nsentences, sample_size = total("seq_nsentences"), total("seq_sample_size")
+    out = {
+        "seq_loss": loss_sum / max(sample_size, 1.0) / math.log(2),
+        "seq_ntokens": ntokens,
+        "seq_nsentences": nsentences,
+        "seq_sample_size": sample_size,
+        "seq_repeat_mask": total("seq_repeat_mask") / sample_size if sample_size > 0 else 0,
+    }
+    for n in range(1, 5):
+        key = f"pct_repeat_{n}grams"
+        out["seq_" + key] = total(key) / nsentences if nsentences > 0 else 0
+    if sample_size != ntokens:
+        out["seq_nll_loss"] = loss_sum / max(ntokens, 1.0) / math.log(2)
+    return out
+
+
 def token_level_summary(metrics: dict) -> dict:
     """The paper's names for aggregated token-level metrics:
     ``ppl``, ``acc`` (hits@1), ``rep`` and ``wrep`` (context 128)."""
@@ -239,6 +268,18 @@ def ngram_metrics(token_list: Sequence, pad=1) -> dict:
         grams = list(zip(*(tokens[i:] for i in range(n))))
         stats[f"pct_repeat_{n}grams"] = 1.0 - len(Counter(grams)) / len(grams) if grams else 0.0
     return stats
+
+
+def ngram_metric_sums(token_lists, pad=1) -> dict:
+    """``pct_repeat_{N}grams`` for N = 1..4 summed over the lists (rows of a tensor,
+    or lists of ids), each cut at its first ``pad``: :func:`ngram_metrics` per list."""
+    if isinstance(token_lists, torch.Tensor):
+        token_lists = token_lists.tolist()
+    sums = {f"pct_repeat_{n}grams": 0.0 for n in range(1, 5)}
+    for tokens in token_lists:
+        for key, value in ngram_metrics(tokens, pad=pad).items():
+            sums[key] += value
+    return sums
 
 
 class NgramMetrics:

@@ -29,7 +29,7 @@ from scalegrad.gpt2.driver import run
 from scalegrad.gpt2.options import parse_args
 from scalegrad.gpt2.runtime import Runtime
 from scalegrad.fused import chunked_logit_statistics
-from scalegrad.gpt2.trainer import check_fused_model, fused_token_loss, token_loss
+from scalegrad.gpt2.objectives import check_fused_model, fused_token_loss, token_loss
 from scalegrad.hf import check_linear_head
 from scalegrad.metrics import ranking_metrics, ranking_metrics_from_ranks
 from tests import helpers
@@ -89,11 +89,11 @@ def max_weight_diff(a, b):
 def test_driver_fused_equals_plain(tiny_model_dir, short_data_base, tmp_path, monkeypatch):
     """3 updates of 2 chunks (gradient accumulation), dropout on, clipping, gamma 0.5;
     chunks of 7 positions (the 32 of a chunk do not divide evenly)."""
-    from scalegrad.gpt2 import trainer
+    from scalegrad.gpt2 import objectives
 
     calls = []
-    fused_loss = trainer.fused_linear_scalegrad_loss
-    monkeypatch.setattr(trainer, "fused_linear_scalegrad_loss",
+    fused_loss = objectives.fused_linear_scalegrad_loss
+    monkeypatch.setattr(objectives, "fused_linear_scalegrad_loss",
                         lambda *a, **k: calls.append(k["chunk_size"]) or fused_loss(*a, **k))
     common = ["--train-n-steps", 3, "--gradient-accumulation-steps", 2, "--gamma", 0.5,
               "--enable-dropout", "--max-grad-norm", 1.0]
@@ -207,8 +207,8 @@ def test_fused_chunk_size_is_checked(tiny_data_base, tmp_path):
 @pytest.mark.slow
 def test_run_gpt2_fused_loss_under_torchrun(tiny_model_dir, short_data_base, tmp_path):
     """``run_gpt2.py --fused-loss`` as a subprocess, two torchrun processes (the fused
-    step bypasses DDP's forward and averages the gradients by hand): the same weights
-    as one process accumulating two chunks per update with the plain loss."""
+    loss runs inside the DDP-wrapped module's forward): the same weights as one process
+    accumulating two chunks per update with the plain loss."""
     flags = ["--train-n-steps", 3, "--gamma", 0.5]
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -200,9 +200,9 @@ def test_resume_refuses_a_changed_split(tiny_model_dir, short_data_base, long_da
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir, short_data_base, tmp_path,
                                                        monkeypatch, caplog):
-    from scalegrad.gpt2 import trainer as trainer_module
+    from scalegrad.gpt2 import objectives
 
-    real_loss = trainer_module.scalegrad_loss
+    real_loss = objectives.scalegrad_loss
     calls = {"n": 0}
     bad_calls = {2, 3}
 
@@ -211,7 +211,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir, short_dat
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] in bad_calls else loss
 
-    monkeypatch.setattr(trainer_module, "scalegrad_loss", flaky_loss)
+    monkeypatch.setattr(objectives, "scalegrad_loss", flaky_loss)
     result = run(parse_args(train_argv(short_data_base, tmp_path / "a", tiny_model_dir,
                                        "--train-n-steps", 5, "--validate-every", 1000,
                                        "--report-metrics-every", 6)))

@@ -4,12 +4,12 @@ One chunk of ``--train-batch-size + 1`` tokens per step (per process under
 torchrun; ``--gradient-accumulation-steps`` chunks per update when given), drawn in
 a random order that is drawn again every epoch. Each step:
 
-1. the ScaleGrad loss of the chunk (:func:`scalegrad.losses.scalegrad_loss`, divided by
-   the number of input tokens; with ``--fused-loss``
-   :func:`scalegrad.fused.fused_linear_scalegrad_loss` from the final hidden states, see
-   :func:`fused_token_loss`), or, with probability ``--sequence-tune-rate``, the
-   sequence-level unlikelihood loss of greedy continuations of its prefixes (section 7);
-2. backward, optimizer and schedule step (a step whose loss is not finite is skipped);
+1. one forward call of the (DDP-wrapped) :class:`~scalegrad.gpt2.objectives.StepModel`:
+   the ScaleGrad loss of the chunk (``--fused-loss``: from the final hidden states),
+   or, with probability ``--sequence-tune-rate``, the sequence-level unlikelihood loss
+   of continuations of its prefixes (section 7);
+2. backward (DDP averages the gradients over the processes), optimizer and schedule
+   step; a step whose loss is not finite on some process is skipped everywhere;
 3. every ``--report-metrics-every`` steps of the epoch: the aggregated training metrics;
 4. at step index ``--train-n-steps`` of the epoch: the epoch ends (the original's
    quirk; ``--exact-train-n-steps`` stops after that many updates in all);
@@ -18,252 +18,37 @@ a random order that is drawn again every epoch. Each step:
 6. every ``--save-every`` steps of the epoch: the model in ``--output-dir`` and a
    resumable checkpoint in ``--output-dir/resume``.
 
-SIGINT or SIGTERM ends the run after the current step with a checkpoint.
+The training report and every validation's metrics also go to :meth:`Trainer.log_scalars`,
+the one place where other writers (TensorBoard, W&B) hook in. SIGINT or SIGTERM end
+the run after the current step with a checkpoint (:mod:`.stop`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import signal
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..data import load_chunks, make_prefixes
+from ..data import load_chunks
 from ..errors import UserError
-from ..fused import chunked_logit_statistics, fused_linear_scalegrad_loss
-from ..generation import is_greedy, top_k_top_p_filtering
-from ..hf import accepts, cache_argument, check_linear_head, linear_head, returned_cache, unwrap
-from ..losses import scalegrad_loss
-from ..metrics import aggregate_ranking_metrics, ngram_metrics, ranking_metrics_from_ranks
-from ..unlikelihood import ngram_repeat_mask, sequence_penalty_loss
 from . import checkpoint
-from .evaluate import (chunk_logging_output, eval_singletoken, model_config_dict,
-                       singletoken_filename, write_singletoken_result)
+from .evaluate import eval_singletoken, model_config_dict, singletoken_filename, write_singletoken_result
+from .objectives import StepModel, check_fused_model, training_report
 from .optim import build_optimizer, build_schedule
-from .options import accumulation_steps
+from .plan import Plan, Progress, make_plan
 from .runtime import Runtime, check_positions, make_output_dir
+from .stop import StopRequest
+
+__all__ = ["Trainer", "TrainResult", "train", "Plan", "make_plan", "training_report"]
 
 logger = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------- #
-# Losses of one chunk
-# --------------------------------------------------------------------------- #
-
-def token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime):
-    """ScaleGrad loss of one chunk (``(n + 1,)`` ids): ``(loss / n, logging_output)``."""
-    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
-    with runtime.autocast():
-        logits = model(input_ids=inp).logits
-    loss = scalegrad_loss(logits, target, gamma)  # float32 whatever the autocast dtype
-    ntokens = inp.numel()
-    logging_output = chunk_logging_output(logits[0].detach().float(), target[0], loss.item())
-    return loss / ntokens, logging_output
-
-
-# --------------------------------------------------------------------------- #
-# The memory-lean loss (--fused-loss)
-# --------------------------------------------------------------------------- #
-
-def fused_token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime, chunk_size: int):
-    """:func:`token_loss` with ``--fused-loss``: the same ``(loss / n, logging_output)``,
-    the loss computed from the base model's last hidden state and the output
-    embedding by :func:`scalegrad.fused.fused_linear_scalegrad_loss`, at most
-    ``chunk_size`` positions' logits at a time (its gradients are computed in this
-    forward pass; ``backward`` applies them).
-
-    The ranking metrics of the logging output come from logits remade chunk by
-    chunk under ``torch.no_grad()`` (:func:`chunked_logit_statistics`). Under
-    ``--fp16/--bf16`` the base model and the head's matmuls run in autocast as in
-    the plain path; the loss itself is float32.
-
-    ``model`` may be wrapped in DistributedDataParallel: the base model is called
-    directly, bypassing the wrapper, so the caller averages the gradients by hand.
-    """
-    base, head = linear_head(model)
-    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
-    with runtime.autocast():
-        hidden = base(input_ids=inp).last_hidden_state
-        loss = fused_linear_scalegrad_loss(hidden, head.weight, target, gamma, bias=head.bias,
-                                           chunk_size=chunk_size)
-        stats = chunked_logit_statistics(hidden, head.weight, head.bias, target, chunk_size,
-                                         nll=False)
-    ntokens = inp.numel()
-    # As chunk_logging_output builds it from the logits.
-    logging_output = ranking_metrics_from_ranks(stats["higher"], stats["predictions"], target[0],
-                                                ntokens=ntokens)
-    logging_output["loss"] = loss.item()
-    logging_output["normalizer"] = ntokens
-    logging_output["sample_size"] = ntokens
-    logging_output["ntokens"] = ntokens
-    return loss / ntokens, logging_output
-
-
-def continue_with_logits(model, prefixes: torch.Tensor, continuation_length: int,
-                         top_k: int, top_p: float, runtime: Runtime):
-    """Continue ``prefixes`` (``(B, P)``) keeping the graph: ``(continuations (B, C),
-    logits (B, C, V))``. Greedy when ``top_k == 1 and top_p == 0``, else sampled
-    from the filtered distribution with the global torch random state."""
-    greedy = is_greedy(top_k, top_p)
-    cache_keyword = cache_argument(model)
-    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
-    next_input, cache = prefixes, None
-    tokens, step_logits = [], []
-    for _ in range(continuation_length):
-        with runtime.autocast():
-            output = model(input_ids=next_input, use_cache=True, **{cache_keyword: cache}, **extra)
-        logits = output.logits[:, -1, :].float()
-        cache = returned_cache(output)
-        with torch.no_grad():
-            if greedy:
-                next_input = logits.argmax(dim=-1, keepdim=True)
-            else:
-                probs = F.softmax(top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p), dim=-1)
-                next_input = torch.multinomial(probs, num_samples=1)
-        tokens.append(next_input)
-        step_logits.append(logits)
-    return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
-
-
-def sequence_loss(model, chunk: torch.Tensor, args, runtime: Runtime):
-    """Sequence-level unlikelihood of one chunk (``docs/reference.md``, section 7; the
-    parent script's ``ul_seq``):
-    continue every prefix of the chunk, penalise the tokens of repeated N-grams;
-    ``(loss / generated tokens, logging_output)``."""
-    prefixes = make_prefixes(chunk.unsqueeze(0), args.prefix_length)
-    continuations, logits = continue_with_logits(
-        model, prefixes, args.continuation_length, args.top_k, args.top_p, runtime)
-    mask = ngram_repeat_mask(continuations, args.sequence_ngram_n)
-    loss = sequence_penalty_loss(F.log_softmax(logits, dim=-1), continuations, mask)
-    ntokens = continuations.numel()
-    logging_output = {
-        "seq_loss": loss.item(),
-        "seq_sample_size": ntokens,
-        "seq_ntokens": ntokens,
-        "seq_nsentences": continuations.size(0),
-        "seq_repeat_mask": float(mask.sum()),
-    }
-    sums: dict[str, float] = defaultdict(float)
-    for row in continuations.tolist():
-        # pad=1 as the parent script (fairseq's padding id; for GPT-2 ids a quirk).
-        for key, value in ngram_metrics(row).items():
-            sums[key] += value
-    logging_output.update(sums)
-    return loss / ntokens, logging_output
-
-
-def check_fused_model(model, input_ids: torch.Tensor, name: str) -> None:
-    """``--fused-loss`` needs :func:`check_linear_head` to pass: else a UserError."""
-    try:
-        check_linear_head(model, input_ids)
-    except ValueError as exc:
-        raise UserError(
-            f"--fused-loss needs a model whose logits are its last hidden state times the output "
-            f"embedding (GPT-2-like heads, no logit scaling or soft-capping); the model {name} "
-            f"({type(unwrap(model)).__name__}) does not qualify: {exc}. Drop --fused-loss"
-        ) from None
-
-
-def aggregate_sequence_logging_outputs(logging_outputs: list[dict]) -> dict:
-    """The parent script's sequence-level training metrics (``seq_*``), as its
-    ``SequencePenaltyCriterion.aggregate_logging_outputs``."""
-    loss_sum = sum(log.get("seq_loss", 0) for log in logging_outputs)
-    ntokens = sum(log.get("seq_ntokens", 0) for log in logging_outputs)
-    nsentences = sum(log.get("seq_nsentences", 0) for log in logging_outputs)
-    sample_size = sum(log.get("seq_sample_size", 0) for log in logging_outputs)
-    repeat_mask = sum(log.get("seq_repeat_mask", 0) for log in logging_outputs)
-    out = {
-        "seq_loss": loss_sum / max(sample_size, 1.0) / math.log(2),
-        "seq_ntokens": ntokens,
-        "seq_nsentences": nsentences,
-        "seq_sample_size": sample_size,
-        "seq_repeat_mask": repeat_mask / sample_size if sample_size > 0 else 0,
-    }
-    for n in range(1, 5):
-        key = f"pct_repeat_{n}grams"
-        total = sum(log.get(key, 0) for log in logging_outputs)
-        out["seq_" + key] = total / nsentences if nsentences > 0 else 0
-    if sample_size != ntokens:
-        out["seq_nll_loss"] = loss_sum / max(ntokens, 1.0) / math.log(2)
-    return out
-
-
-def training_report(logging_outputs: list[dict]) -> dict:
-    """What the original prints every ``--report-metrics-every`` steps."""
-    report = aggregate_ranking_metrics(logging_outputs)
-    report.update(aggregate_sequence_logging_outputs(logging_outputs))
-    report["ppl"] = 2 ** report["loss"]
-    return report
-
-
-# --------------------------------------------------------------------------- #
-# The plan: how many steps, epochs, the schedule's length
-# --------------------------------------------------------------------------- #
-
-@dataclass
-class Plan:
-    num_chunks: int            # training chunks in the split
-    chunks_per_rank: int       # per process and epoch (the remainder is dropped)
-    accumulation: int          # chunks per update
-    updates_per_epoch: int
-    num_epochs: int
-    total_schedule_steps: int  # t_total of the linear schedule
-
-    def steps_in_epoch(self, args) -> int:
-        if args.exact_train_n_steps:
-            return self.updates_per_epoch
-        return min(self.updates_per_epoch, args.train_n_steps + 1)
-
-    def planned_updates(self, args) -> int:
-        if args.exact_train_n_steps:
-            return min(args.train_n_steps, self.updates_per_epoch * self.num_epochs)
-        return self.steps_in_epoch(args) * self.num_epochs
-
-
-def make_plan(args, num_chunks: int, world_size: int) -> Plan:
-    accumulation = accumulation_steps(args)
-    chunks_per_rank = num_chunks // world_size
-    updates_per_epoch = chunks_per_rank // accumulation
-    if updates_per_epoch < 1:
-        raise UserError(
-            f"the train split has {num_chunks} chunks of {args.train_batch_size} + 1 tokens: too "
-            f"few for one update of {accumulation} chunk(s) on each of {world_size} process(es); "
-            f"use a smaller --train-batch-size or more data")
-    if args.max_steps > 0:
-        total = args.max_steps
-        num_epochs = args.max_steps // updates_per_epoch + 1
-    else:
-        total = updates_per_epoch * args.num_train_epochs
-        num_epochs = args.num_train_epochs
-    return Plan(num_chunks, chunks_per_rank, accumulation, updates_per_epoch, num_epochs, total)
-
-
-# --------------------------------------------------------------------------- #
-# The loop
-# --------------------------------------------------------------------------- #
-
-@dataclass
-class Progress:
-    """Where the loop is; saved in the checkpoint."""
-    epoch: int = 0
-    step: int = 0                  # next step index within the epoch
-    total_steps: int = 0
-    epoch_loss: float = 0.0
-    best_ppl: float = 1e20
-    logging_outputs: list = field(default_factory=list)
-    consecutive_nonfinite: int = 0
-    nonfinite_steps: int = 0       # skipped since the last report
-    nonfinite_total: int = 0
-    finished: bool = False
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+#: ``(step, prefix, scalars)``: a writer of the training report (prefix ``train``)
+#: and of the validation metrics (prefix ``valid``), called on rank 0.
+ScalarSink = Callable[[int, str, dict], None]
 
 
 @dataclass
@@ -272,36 +57,6 @@ class TrainResult:
     total_steps: int
     best_ppl: float
     last_report: dict | None = None
-
-
-class _StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop checks it after every step."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signal_name = signal.Signals(signum).name
-        logger.warning("%s received: stopping after this step with a checkpoint", self.signal_name)
-
-    def request(self, name: str = "request") -> None:
-        self.signal_name = name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 def _args_snapshot(args) -> dict:
@@ -354,27 +109,31 @@ class Trainer:
             check_fused_model(self.model, self.train_chunks[0][:16].unsqueeze(0).to(device),
                               args.model_load_dir or args.model_name)
         self.model.train(args.enable_dropout)
-        self.ddp_model = self.model
+        # Every step is one forward call of this module; under torchrun DDP wraps it,
+        # so its bucketed all-reduce averages the gradients of every kind of step.
+        self.step_model = StepModel(self.model, args, runtime)
         if runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp_model = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+            self.step_model = DistributedDataParallel(
+                self.step_model, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)
         self.optimizer = build_optimizer(self.model, learning_rate=args.learning_rate,
                                          adam_epsilon=args.adam_epsilon,
                                          weight_decay=args.weight_decay, kind=args.adamw)
         self.scheduler = build_schedule(self.optimizer, warmup_steps=args.warmup_steps,
                                         total_steps=self.plan.total_schedule_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+        # Loss scaling for --fp16; disabled (scale 1, plain steps) otherwise: one code path.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
         # The chunk order and the choice of sequence-level steps come from their own
         # generators, the same on every process.
         self.order_rng = torch.Generator().manual_seed(args.seed)
         self.decision_rng = torch.Generator().manual_seed(args.seed + 1)
         self.order: torch.Tensor | None = None
         self.progress = Progress()
-        self.stop = _StopRequest()
+        self.stop = StopRequest()
         self.last_report: dict | None = None
+        self.scalar_sinks: list[ScalarSink] = []
         self._saved: tuple | None = None
         if resume_state is not None:
             self._restore(resume_state)
@@ -389,7 +148,7 @@ class Trainer:
             "num_chunks": self.plan.num_chunks,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.scaler.state_dict(),  # {} when disabled
             "rng": rng_states,
             "order_rng": self.order_rng.get_state(),
             "decision_rng": self.decision_rng.get_state(),
@@ -417,7 +176,7 @@ class Trainer:
                            "the run will not match an uninterrupted one", ", ".join(changed))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
+        if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.order_rng.set_state(state["order_rng"])
         self.decision_rng.set_state(state["decision_rng"])
@@ -446,19 +205,13 @@ class Trainer:
 
     # ---- one step ----
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-
-    def _sync_gradients(self) -> None:
-        """Average the gradients over the processes by hand (after steps DDP did not sync)."""
-        if not self.runtime.distributed:
-            return
-        for p in self.model.parameters():
-            if p.grad is not None:
-                self.runtime.all_reduce_mean_(p.grad)
+    def _objective(self) -> str:
+        """The kind of the next chunk's step; the same draw on every process."""
+        args = self.args
+        if args.sequence_tune_rate > 0 and (
+                torch.rand(1, generator=self.decision_rng).item() < args.sequence_tune_rate):
+            return "sequence"
+        return "fused" if args.fused_loss else "token"
 
     def train_step(self, chunk_indices: list[int]) -> tuple[bool, list[dict], float]:
         """One update over ``chunk_indices`` (one chunk per accumulation step).
@@ -466,53 +219,37 @@ class Trainer:
         Returns ``(updated, logging_outputs, loss)``; ``updated`` is False when a
         loss was not finite on some process (then nothing changes).
         """
-        args, runtime = self.args, self.runtime
+        runtime, scaler = self.runtime, self.scaler
         self.optimizer.zero_grad(set_to_none=True)
         logs, loss_total = [], 0.0
-        last = len(chunk_indices) - 1
-        ddp = self.ddp_model is not self.model
-        synced_by_ddp = False
         for micro, index in enumerate(chunk_indices):
             chunk = self.train_chunks[index].to(runtime.device)
-            sequence_step = (args.sequence_tune_rate > 0 and
-                             torch.rand(1, generator=self.decision_rng).item() < args.sequence_tune_rate)
-            fused_step = args.fused_loss and not sequence_step
-            # DDP syncs gradients in the backward of the last token-level step; the
-            # sequence-level step runs several forward passes, and the fused step calls
-            # the base model past the DDP wrapper, so they never sync through DDP and
-            # the gradients are averaged by hand instead.
-            sync = ddp and micro == last and not sequence_step and not fused_step
-            context = contextlib.nullcontext() if (sync or not ddp) else self.ddp_model.no_sync()
-            with context:
-                if sequence_step:
-                    loss, log = sequence_loss(self.ddp_model, chunk, args, runtime)
-                elif fused_step:
-                    loss, log = fused_token_loss(self.model, chunk, args.gamma, runtime,
-                                                 args.fused_chunk_size)
-                else:
-                    loss, log = token_loss(self.ddp_model, chunk, args.gamma, runtime)
+            # DDP averages the gradients in the backward of the last chunk only.
+            last = micro == len(chunk_indices) - 1
+            accumulate = runtime.distributed and not last
+            with self.step_model.no_sync() if accumulate else contextlib.nullcontext():
+                loss, log = self.step_model(chunk, self._objective())
                 if runtime.any_rank(not torch.isfinite(loss).item()):
                     self.optimizer.zero_grad(set_to_none=True)
                     return False, [], float("nan")
-                self._backward(loss / len(chunk_indices))
-            synced_by_ddp = sync
+                scaler.scale(loss / len(chunk_indices)).backward()
             logs.append(log)
             loss_total += loss.item()
-        if ddp and not synced_by_ddp:
-            self._sync_gradients()
-        if args.max_grad_norm is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        if self.args.max_grad_norm is not None:
+            scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
         self.scheduler.step()
         return True, logs, loss_total / len(chunk_indices)
 
     # ---- reporting, validation ----
+
+    def log_scalars(self, step: int, prefix: str, scalars: dict) -> None:
+        """Hand the training report (``prefix="train"``) or a validation's metrics
+        (``"valid"``) to every writer in :attr:`scalar_sinks` (rank 0 only)."""
+        for sink in self.scalar_sinks:
+            sink(step, prefix, scalars)
 
     def report(self) -> None:
         progress = self.progress
@@ -525,6 +262,7 @@ class Trainer:
                 report["nonfinite_skipped"] = skipped
             self.last_report = report
             logger.info("step %d: %s", progress.total_steps, report)
+            self.log_scalars(progress.total_steps, "train", report)
         progress.logging_outputs = []
         progress.nonfinite_steps = 0
 
@@ -534,6 +272,7 @@ class Trainer:
             logger.info("validating on %s after %d steps", args.eval_split, progress.total_steps)
         metrics = eval_singletoken(self.model, self.eval_chunks, runtime, desc="Validating")
         if runtime.is_main:
+            self.log_scalars(progress.total_steps, "valid", metrics)
             config = model_config_dict(self.model)
             write_singletoken_result(self.output_dir, args, metrics, config, step=progress.total_steps)
             if metrics["ppl"] < progress.best_ppl:

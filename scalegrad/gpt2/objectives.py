@@ -1,0 +1,161 @@
+"""What one training step of the GPT-2 driver computes for one chunk (``docs/reference.md``,
+sections 5 and 7): the loss to back-propagate and the chunk's logging output.
+
+- :func:`token_loss`: the ScaleGrad loss from the model's logits
+  (:func:`scalegrad.losses.scalegrad_loss`);
+- :func:`fused_token_loss` (``--fused-loss``): the same loss from the last hidden
+  state and the output embedding (:func:`scalegrad.fused.fused_linear_scalegrad_loss`),
+  its metrics from the same chunks of logits (one pass);
+- :func:`sequence_loss` (``--sequence-tune-rate``): sequence-level unlikelihood of
+  continuations generated without gradients by the shared decoding loop
+  (:func:`scalegrad.generation.generate_continuations`), scored in one forward pass.
+
+:class:`StepModel` holds the Hugging Face model and runs one of them in its
+``forward``, so every step is exactly one forward call of the module the trainer
+wraps in DistributedDataParallel under torchrun: DDP's bucketed all-reduce
+averages every step's gradients, whatever the objective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data import make_prefixes
+from ..errors import UserError
+from ..fused import fused_linear_scalegrad_loss
+from ..generation import generate_continuations
+from ..hf import accepts, check_linear_head, linear_head, unwrap
+from ..losses import scalegrad_loss
+from ..metrics import (aggregate_ranking_metrics, aggregate_sequence_metrics, ngram_metric_sums,
+                       ranking_metrics_from_ranks)
+from ..unlikelihood import ngram_repeat_mask, sequence_penalty_loss
+from .evaluate import chunk_logging_output
+from .runtime import Runtime
+
+__all__ = ["StepModel", "token_loss", "fused_token_loss", "sequence_loss", "check_fused_model",
+           "training_report", "OBJECTIVES"]
+
+#: The kinds of step :meth:`StepModel.forward` runs.
+OBJECTIVES = ("token", "fused", "sequence")
+
+
+def token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime):
+    """ScaleGrad loss of one chunk (``(n + 1,)`` ids): ``(loss / n, logging_output)``."""
+    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+    with runtime.autocast():
+        logits = model(input_ids=inp).logits
+    loss = scalegrad_loss(logits, target, gamma)  # float32 whatever the autocast dtype
+    ntokens = inp.numel()
+    logging_output = chunk_logging_output(logits[0].detach().float(), target[0], loss.item())
+    return loss / ntokens, logging_output
+
+
+def fused_token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime, chunk_size: int):
+    """:func:`token_loss` with ``--fused-loss``: the same ``(loss / n, logging_output)``,
+    the loss computed from the base model's last hidden state and the output
+    embedding, at most ``chunk_size`` positions' logits at a time (its gradients are
+    computed in this forward pass; ``backward`` applies them).
+
+    The ranking metrics come from the same chunks of logits as the loss
+    (``statistics=True``): the head's matmul runs once per chunk. Under
+    ``--fp16/--bf16`` the base model and the head's matmuls run in autocast as in
+    the plain path; the loss itself is float32.
+    """
+    base, head = linear_head(model)
+    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+    with runtime.autocast():
+        hidden = base(input_ids=inp).last_hidden_state
+        loss, stats = fused_linear_scalegrad_loss(hidden, head.weight, target, gamma,
+                                                  bias=head.bias, chunk_size=chunk_size,
+                                                  statistics=True)
+    ntokens = inp.numel()
+    # As chunk_logging_output builds it from the logits.
+    logging_output = ranking_metrics_from_ranks(stats["higher"], stats["predictions"], target[0],
+                                                ntokens=ntokens)
+    logging_output["loss"] = loss.item()
+    logging_output["normalizer"] = ntokens
+    logging_output["sample_size"] = ntokens
+    logging_output["ntokens"] = ntokens
+    return loss / ntokens, logging_output
+
+
+def sequence_loss(model, chunk: torch.Tensor, args, runtime: Runtime):
+    """Sequence-level unlikelihood of one chunk (``docs/reference.md``, section 7; the
+    parent script's ``ul_seq``): continue every prefix of the chunk, penalise the tokens
+    of repeated N-grams; ``(loss / generated tokens, logging_output)``.
+
+    The continuations are generated without gradients (greedy when ``--top-k 1
+    --top-p 0``, else sampled with the global random state), with dropout off, by the
+    decoding loop evaluation uses; prefix + continuation is then scored in one forward
+    pass with gradients, in the model's own mode. With dropout off this gives the
+    log-probabilities and gradients of the original's decoding with gradients, up to
+    float rounding (tested).
+    """
+    prefixes = make_prefixes(chunk.unsqueeze(0), args.prefix_length)
+    length, prefix_length = args.continuation_length, prefixes.size(1)
+    with runtime.autocast():
+        completions = generate_continuations(unwrap(model), prefixes, length,
+                                             top_k=args.top_k, top_p=args.top_p)
+    completions = completions.clone()  # a normal tensor, not an inference-mode one
+    continuations = completions[:, prefix_length:]
+    # Only the continuation's positions need logits (the last `length` of the input).
+    extra = {"logits_to_keep": length} if accepts(model, "logits_to_keep") else {}
+    with runtime.autocast():
+        logits = model(input_ids=completions[:, :-1], **extra).logits[:, -length:]
+    mask = ngram_repeat_mask(continuations, args.sequence_ngram_n)
+    loss = sequence_penalty_loss(F.log_softmax(logits.float(), dim=-1), continuations, mask)
+    ntokens = continuations.numel()
+    logging_output = {
+        "seq_loss": loss.item(),
+        "seq_sample_size": ntokens,
+        "seq_ntokens": ntokens,
+        "seq_nsentences": continuations.size(0),
+        "seq_repeat_mask": float(mask.sum()),
+    }
+    # pad=1 as the parent script (fairseq's padding id; for GPT-2 ids a quirk).
+    logging_output.update(ngram_metric_sums(continuations, pad=1))
+    return loss / ntokens, logging_output
+
+
+def training_report(logging_outputs: list[dict]) -> dict:
+    """What the original prints every ``--report-metrics-every`` steps: the token-level
+    metrics of the token steps, the ``seq_*`` metrics of the sequence-level steps, ``ppl``."""
+    report = aggregate_ranking_metrics(logging_outputs)
+    report.update(aggregate_sequence_metrics(logging_outputs))
+    report["ppl"] = 2 ** report["loss"]
+    return report
+
+
+def check_fused_model(model, input_ids: torch.Tensor, name: str) -> None:
+    """``--fused-loss`` needs :func:`check_linear_head` to pass: else a UserError."""
+    try:
+        check_linear_head(model, input_ids)
+    except ValueError as exc:
+        raise UserError(
+            f"--fused-loss needs a model whose logits are its last hidden state times the output "
+            f"embedding (GPT-2-like heads, no logit scaling or soft-capping); the model {name} "
+            f"({type(unwrap(model)).__name__}) does not qualify: {exc}. Drop --fused-loss"
+        ) from None
+
+
+class StepModel(torch.nn.Module):
+    """The Hugging Face model (``self.model``) and the objectives: ``forward(chunk,
+    objective)`` returns :func:`token_loss`'s ``(loss, logging_output)`` for
+    ``objective`` in :data:`OBJECTIVES`. Its parameters are the model's."""
+
+    def __init__(self, model, args, runtime: Runtime):
+        super().__init__()
+        self.model = model
+        self.args = args
+        self.runtime = runtime
+
+    def forward(self, chunk: torch.Tensor, objective: str):
+        args, runtime = self.args, self.runtime
+        if objective == "token":
+            return token_loss(self.model, chunk, args.gamma, runtime)
+        if objective == "fused":
+            return fused_token_loss(self.model, chunk, args.gamma, runtime, args.fused_chunk_size)
+        if objective == "sequence":
+            return sequence_loss(self.model, chunk, args, runtime)
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
