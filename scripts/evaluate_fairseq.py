@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Evaluate fairseq checkpoints of ScaleGrad-finetuned GPT-2 (the unlikelihood module's
-``evaluation.py``, ported): single-token metrics, completions, predictions, targets.
+"""Evaluate fairseq language model checkpoints as the unlikelihood module's
+``custom/evaluation.py`` did: completions, single-token predictions, targets and
+metrics of one split, in files named with the original's suffix.
 
-    python scripts/evaluate_fairseq.py --checkpoint checkpoints/sg/checkpoint_best.pt \\
-        --eval-split valid --output-dir results/sg
-    python scripts/evaluate_fairseq.py --model-path checkpoints/sg --ckpt best \\
-        --mode completion --beam-size 4 --beam-ngram-block 4 --output-dir results/sg
+    python scripts/evaluate_fairseq.py --data-dir data-bin/wikitext-103 \\
+        --model-path checkpoints/sg0.2 --ckpt best --save-path results/sg0.2 \\
+        --data-split valid --completion-length 100
+    python scripts/evaluate_fairseq.py ... --beam-size 4 --beam-ngram-block 4 --eval-mode completion
+    python scripts/report_metrics.py --eval-dirs results/sg0.2 --model-names sg0.2
 
-Result files are named like run_gpt2.py's (``singletoken__*.json``,
-``completion__*.json``), so ``scripts/report_metrics.py`` reads both; see the README
-(fairseq route). The logic lives in ``scalegrad.fairseq_plugin.evaluation``.
+Any fairseq language model works (transformer_lm, transformer_lm_ul,
+gpt2_pretrained, ...); ``--result-format gpt2`` writes a gpt2_pretrained
+checkpoint's results named like run_gpt2.py's instead. See the README (fairseq).
+The logic lives in ``scalegrad.fairseq_plugin.eval_cli``.
 """
 
 import logging
@@ -18,24 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scalegrad.errors import UserError  # noqa: E402
-from scalegrad.fairseq_plugin.evaluation import parse_args, run_evaluation  # noqa: E402
-
-
-def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        written = run_evaluation(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    for path in written:
-        print(f"written: {path}")
-    return 0
-
+from scalegrad.fairseq_plugin.eval_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",

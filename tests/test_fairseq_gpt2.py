@@ -37,12 +37,12 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from scalegrad import data, register_fairseq  # noqa: E402
 from scalegrad.errors import UserError  # noqa: E402
 from scalegrad.fairseq_plugin.checkpoints import export_to_hf  # noqa: E402
-from scalegrad.fairseq_plugin.evaluation import (  # noqa: E402
+from scalegrad.fairseq_plugin.gpt2_results import (  # noqa: E402
     beam_completions,
     completion_prefixes,
-    load_checkpoint,
     sampled_completions,
 )
+from scalegrad.fairseq_plugin.loading import load_model  # noqa: E402
 from scalegrad.hf import hf_config_from_dict  # noqa: E402
 from scalegrad.losses import scalegrad_loss  # noqa: E402
 from scalegrad.metrics import ngram_metrics  # noqa: E402
@@ -168,8 +168,8 @@ def trained(gpt2_data, tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(trained):
-    return load_checkpoint(trained["save_dir"] / "checkpoint_last.pt")
+def loaded(trained, gpt2_data):
+    return load_model(trained["save_dir"] / "checkpoint_last.pt", gpt2_data)
 
 
 @pytest.fixture(scope="module")
@@ -439,13 +439,14 @@ def test_export_and_evaluate_errors(tmp_path, capsys):
     evaluate = load_script("evaluate_fairseq")
     export = load_script("export_fairseq_to_hf")
     missing = str(tmp_path / "nope.pt")
-    assert evaluate.main(["--checkpoint", missing, "--output-dir", str(tmp_path / "o")]) == 2
+    assert evaluate.main(["--checkpoint", missing, "--output-dir", str(tmp_path / "o"),
+                          "--data-dir", str(tmp_path)]) == 2
     assert export.main(["--checkpoint", missing, "--output-dir", str(tmp_path / "o")]) == 2
     bogus = tmp_path / "bogus.pt"
     torch.save({"model": {}, "cfg": {"model": {"_name": "transformer_lm"}}}, bogus)
     assert export.main(["--checkpoint", str(bogus), "--output-dir", str(tmp_path / "o")]) == 2
     assert evaluate.main(["--checkpoint", str(bogus), "--output-dir", str(tmp_path / "o"),
-                          "--beam-ngram-block", "2"]) == 2
+                          "--data-dir", str(tmp_path), "--beam-ngram-block", "2"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
     assert "does not exist" in errors[0] and "transformer_lm model" in errors[2]
@@ -494,7 +495,9 @@ def test_beam_search_through_fairseqs_generator(loaded):
 
 
 def eval_argv(checkpoint, output_dir, *extra):
+    """evaluate_fairseq.py with run_gpt2.py-style results (--result-format gpt2)."""
     return ["--checkpoint", str(checkpoint), "--output-dir", str(output_dir), "--model-name", "tiny",
+            "--data-dir", loaded_data_dir(checkpoint), "--result-format", "gpt2",
             "--eval-split", "valid", "--batch-size-singletoken", "64", "--batch-size-completion",
             "64", "--prefix-length", str(P), "--continuation-length", str(C), "--no-progress",
             *map(str, extra)]
@@ -559,6 +562,29 @@ def test_cross_check_with_run_gpt2(cross_check, trained):
         greedy["bpe_metrics"]["bpe_valid/pct_repeat_4grams"], abs=1.5e-4)
     assert float(valid["valid_ppl"]) == pytest.approx(read(fairseq_dir / SINGLE)["metrics"]["ppl"],
                                                       abs=0.01)
+
+
+@pytest.mark.slow
+def test_original_format_single_token_equals_run_gpt2(cross_check, trained, tmp_path):
+    """The original evaluation's single-token pass (any fairseq LM; here the
+    gpt2_pretrained checkpoint, blocks of its own task) gives run_gpt2.py's numbers."""
+    from scalegrad.metrics import RANKING_METRIC_NAMES
+
+    _, gpt2_dir = cross_check
+    checkpoint = trained["save_dir"] / "checkpoint_last.pt"
+    evaluate = load_script("evaluate_fairseq")
+    assert evaluate.main(["--data-dir", loaded_data_dir(checkpoint), "--checkpoint", str(checkpoint),
+                          "--save-path", str(tmp_path), "--eval-mode", "singletoken",
+                          "--batch-size-single-prediction", "64", "--no-progress"]) == 0
+    [metrics_file] = tmp_path.glob("metrics__ckpt__st_4__spl_valid__*__bs_sprd_64__*.json")
+    ours = read(metrics_file)
+    theirs = read(gpt2_dir / SINGLE)["metrics"]
+    assert ours["checkpoint_step"] == 4
+    for name in RANKING_METRIC_NAMES + ["ppl"]:
+        assert ours[f"valid/{name}"] == pytest.approx(theirs[name], rel=1e-9, abs=1e-12), name
+    predictions = (tmp_path / metrics_file.name.replace("metrics_", "single_token_predictions_")
+                   .replace(".json", ".txt")).read_text().split()
+    assert len(set(predictions)) == theirs["uniq"]
 
 
 @pytest.mark.slow

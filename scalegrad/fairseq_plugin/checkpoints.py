@@ -31,8 +31,9 @@ ARCH_NAME = "gpt2_pretrained"
 def read_checkpoint(path) -> dict:
     """A fairseq checkpoint's contents, read with ``weights_only=True``.
 
-    Every way it can be wrong (missing, not a checkpoint, not a ``gpt2_pretrained``
-    checkpoint with a recorded Hugging Face config) is a :class:`UserError`.
+    Every way it can be wrong (missing, unreadable, not a fairseq checkpoint)
+    is a :class:`UserError`. Any architecture is accepted; see
+    :func:`read_gpt2_checkpoint` for the ``gpt2_pretrained`` requirements.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -48,17 +49,36 @@ def read_checkpoint(path) -> dict:
         raise UserError(f"checkpoint {path} cannot be read: {first}") from None
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("cfg"), dict):
         raise UserError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' entries)")
+    return state
+
+
+def checkpoint_arch(state: dict) -> Optional[str]:
+    """The registered model name (``_name``) recorded in the checkpoint's config."""
+    return (state["cfg"].get("model") or {}).get("_name")
+
+
+def checkpoint_task(state: dict) -> Optional[str]:
+    return (state["cfg"].get("task") or {}).get("_name")
+
+
+def read_gpt2_checkpoint(path) -> dict:
+    """:func:`read_checkpoint`, and a ``gpt2_pretrained`` model with its recorded
+    Hugging Face config (what the export needs)."""
+    state = read_checkpoint(path)
     model_cfg = state["cfg"].get("model") or {}
-    if model_cfg.get("_name") != ARCH_NAME:
-        raise UserError(f"checkpoint {path} holds a {model_cfg.get('_name') or 'unknown'} model; "
-                        f"expected {ARCH_NAME} (fairseq-train --arch {ARCH_NAME})")
+    if checkpoint_arch(state) != ARCH_NAME:
+        raise UserError(f"checkpoint {Path(path).expanduser()} holds a "
+                        f"{checkpoint_arch(state) or 'unknown'} model; expected {ARCH_NAME} "
+                        f"(fairseq-train --arch {ARCH_NAME})")
     if not model_cfg.get("hf_config"):
-        raise UserError(f"checkpoint {path} records no Hugging Face config (model.hf_config); it "
-                        f"was not trained with --task gpt2_language_modeling")
+        raise UserError(f"checkpoint {Path(path).expanduser()} records no Hugging Face config "
+                        f"(model.hf_config); it was not trained with --task gpt2_language_modeling")
     return state
 
 
 def checkpoint_num_updates(state: dict) -> Optional[int]:
+    """The step of a checkpoint, as the original evaluation took it: the last
+    ``optimizer_history`` entry's ``num_updates`` (``None`` when there is none)."""
     history = state.get("optimizer_history") or []
     return history[-1].get("num_updates") if history else None
 
@@ -88,7 +108,7 @@ def export_to_hf(checkpoint, output_dir, *, tokenizer: Optional[str] = None,
     ``output_dir`` (replaced atomically). Returns the folder."""
     from transformers import AutoModelForCausalLM
 
-    state = read_checkpoint(checkpoint)
+    state = read_gpt2_checkpoint(checkpoint)
     config = checkpoint_hf_config(state)
     tokenizer_object = None
     if save_tokenizer:
