@@ -8,7 +8,8 @@
 
 Run it under ``torchrun --nproc_per_node N`` for data parallel training. See the
 README (GPT-2 driver) for every flag, the output files and the differences from
-the original. The logic lives in ``scalegrad.gpt2``.
+the original. The command line is ``scalegrad.gpt2.run_gpt2.main``, which the
+package also carries as ``gpt2/run_gpt2.py`` for the original's install-by-copy.
 """
 
 import os
@@ -16,24 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scalegrad.errors import UserError  # noqa: E402
-from scalegrad.gpt2.driver import run  # noqa: E402
-from scalegrad.gpt2.options import parse_args  # noqa: E402
-
-
-def main(argv=None) -> int:
-    try:
-        result = run(parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    if result.resume_hint:
-        print(result.resume_hint, file=sys.stderr)
-    return 0
-
+from scalegrad.gpt2.run_gpt2 import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

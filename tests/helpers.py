@@ -60,3 +60,27 @@ def build_data_base(tokenizer, out_dir: str | os.PathLike, text: str | None = No
     splits = tokenization.tokenize_splits(tokenizer, texts)
     data.save_splits(splits, out_dir)
     return splits
+
+
+def make_fairseq_checkout(root: str | os.PathLike, package_dir: str | os.PathLike,
+                          name: str = "custom"):
+    """A stand-in for a fairseq git checkout with the package installed the original
+    release's way: ``ROOT/fairseq/`` holds links to every entry of the installed
+    fairseq package (so its ``logging/``, ``data/``, ``options.py`` ... are there to
+    shadow other modules, as in a real checkout), and ``cp -r PACKAGE
+    ROOT/fairseq/NAME`` (without ``__pycache__``). Returns ``(ROOT, the copy)``."""
+    import shutil
+    from pathlib import Path
+
+    import fairseq
+
+    root = Path(root)
+    inner = root / "fairseq"
+    inner.mkdir(parents=True)
+    installed = Path(fairseq.__file__).resolve().parent
+    for entry in installed.iterdir():
+        if entry.name != "__pycache__":
+            (inner / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    copy = inner / name
+    shutil.copytree(package_dir, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return root, copy
