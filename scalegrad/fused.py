@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .losses import check_gamma, novelty_masks, scalegrad_logit_grad_, scalegrad_terms, split_ignored
+from .losses import (
+    check_gamma, novelty_masks, scalegrad_logit_grad_, scalegrad_terms, split_ignored, use_triton,
+)
 from .metrics import token_statistics
 
 __all__ = ["fused_linear_scalegrad_loss", "chunked_logit_statistics"]
@@ -27,7 +29,7 @@ __all__ = ["fused_linear_scalegrad_loss", "chunked_logit_statistics"]
 
 class _FusedLinearScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, valid, gamma, eps, chunk_size, statistics):
+    def forward(ctx, hidden, weight, bias, target, valid, gamma, eps, chunk_size, statistics, kernels):
         batch, time, dim = hidden.shape
         vocab = weight.shape[0]
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -46,6 +48,13 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
         total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
         flat_valid = valid.reshape(-1) if valid is not None else None
         parts: dict[str, list] = {"nll": [], "higher": [], "predictions": []}
+        if kernels is not None:  # the Triton kernels: loss and gradient in one launch per chunk
+            kernel_target = target.masked_fill(~valid, -1) if valid is not None else target
+            kernel_ignore = -1 if valid is not None else None
+            flags = kernels.context_flags(kernel_target, kernel_ignore)
+            needs_logit_grad = grad_hidden is not None or grad_weight is not None or grad_bias is not None
+            grad_buffer = (torch.empty(min(chunk_size, batch * time), vocab, dtype=compute_dtype,
+                                       device=hidden.device) if needs_logit_grad else None)
 
         for start in range(0, batch * time, chunk_size):
             stop = min(start + chunk_size, batch * time)
@@ -53,8 +62,21 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
             # As the model's head computes them (one addmm with a bias), so the
             # statistics compare the same values as logits from the head would.
             logits = F.linear(h, weight, bias).to(compute_dtype)
-            lse = logits.logsumexp(dim=1, keepdim=True)
             y = flat_target[start:stop]
+            if kernels is not None:
+                grad_logits = grad_buffer[:stop - start] if grad_buffer is not None else None
+                loss, row_lse, _ = kernels.scalegrad_rows(
+                    logits, kernel_target, flags, gamma, eps, kernel_ignore, row_start=start, grad=grad_logits)
+                total += loss.sum()
+                if statistics:
+                    target_logits = logits.gather(1, y[:, None])
+                    parts["nll"].append(row_lse - target_logits.squeeze(1))
+                    parts["higher"].append((logits > target_logits).sum(dim=1))
+                    parts["predictions"].append(logits.argmax(dim=1))
+                if grad_logits is not None:
+                    _backprop_chunk(grad_logits, h, weight, start, stop, grad_hidden, grad_weight, grad_bias)
+                continue
+            lse = logits.logsumexp(dim=1, keepdim=True)
             rows = row_of[start:stop]
             positions = torch.arange(start, stop, device=target.device) % time
             context_ids = target[rows]  # (chunk, time)
@@ -85,12 +107,7 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
             grad_logits = scalegrad_logit_grad_(
                 logits.sub_(lse).exp_(), context_ids, y, aux, gamma, position_weight
             )
-            if grad_hidden is not None:
-                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(grad_hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += grad_logits.t() @ h.to(compute_dtype)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+            _backprop_chunk(grad_logits, h, weight, start, stop, grad_hidden, grad_weight, grad_bias)
 
         ctx.save_for_backward(
             grad_hidden.view(batch, time, dim) if grad_hidden is not None else None,
@@ -114,8 +131,18 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
             grad_hidden * scale if grad_hidden is not None else None,
             grad_weight * scale if grad_weight is not None else None,
             grad_bias * scale if grad_bias is not None else None,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
+
+
+def _backprop_chunk(grad_logits, h, weight, start, stop, grad_hidden, grad_weight, grad_bias):
+    """Accumulate one chunk's logit gradient into the gradients of the head's inputs."""
+    if grad_hidden is not None:
+        grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(grad_hidden.dtype)
+    if grad_weight is not None:
+        grad_weight += grad_logits.t() @ h.to(grad_weight.dtype)
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
 
 
 def fused_linear_scalegrad_loss(
@@ -129,6 +156,7 @@ def fused_linear_scalegrad_loss(
     eps: float = 1e-8,
     chunk_size: int = 256,
     statistics: bool = False,
+    impl: str = "auto",
 ):
     """Summed ScaleGrad loss of ``logits = hidden @ weight.T (+ bias)``, equal in
     value and gradients to ``scalegrad_loss(logits, target, gamma, ...)``, with
@@ -149,6 +177,10 @@ def fused_linear_scalegrad_loss(
     logits. At positions equal to ``ignore_index`` they are meaningless (the
     caller drops them). Under autocast the head's matmul runs in the autocast
     dtype, as the model's own head would.
+
+    ``impl`` as in :func:`scalegrad.losses.scalegrad_loss`: with Triton (the
+    default on CUDA when it imports) each chunk's loss and logit gradient come
+    from one launch of the kernels of :mod:`scalegrad.triton_scalegrad`.
     """
     gamma = check_gamma(gamma)
     if hidden.dim() != 3 or target.shape != hidden.shape[:2]:
@@ -162,8 +194,13 @@ def fused_linear_scalegrad_loss(
     if not torch.is_grad_enabled():  # no gradient work under torch.no_grad()
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
+    kernels = None
+    if use_triton(impl, hidden):
+        from . import triton_scalegrad as kernels
+
+        kernels.check_tensors(hidden, target)
     out = _FusedLinearScaleGrad.apply(hidden, weight, bias, target, valid, gamma, eps, chunk_size,
-                                      statistics)
+                                      statistics, kernels)
     if not statistics:
         return out
     loss, nll, higher, predictions = out

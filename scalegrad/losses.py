@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "scalegrad_loss", "check_gamma", "first_occurrence_mask", "novelty_masks",
     "scalegrad_terms", "scalegrad_logit_grad_", "split_ignored", "triton_available",
+    "use_triton",
 ]
 
 
@@ -217,7 +218,9 @@ def triton_available() -> bool:
     return True
 
 
-def _use_triton(impl: str, logits: torch.Tensor) -> bool:
+def use_triton(impl: str, logits: torch.Tensor) -> bool:
+    """Whether ``impl`` (``"auto"``, ``"torch"`` or ``"triton"``) runs the Triton kernels on
+    ``logits``; ``"triton"`` without Triton raises one clear error."""
     if impl == "torch":
         return False
     if impl == "auto":
@@ -278,7 +281,7 @@ def scalegrad_loss(
             "expected logits (batch, time, vocab) and target (batch, time), got "
             f"{tuple(logits.shape)} and {tuple(target.shape)}"
         )
-    if _use_triton(impl, logits):
+    if use_triton(impl, logits):
         from .triton_scalegrad import triton_scalegrad_losses
 
         losses = triton_scalegrad_losses(logits, target, gamma, eps=eps, ignore_index=ignore_index)

@@ -191,7 +191,7 @@ def test_bad_impl_is_refused():
 
 def test_auto_uses_torch_on_cpu_and_never_needs_triton(monkeypatch):
     logits, target = _inputs(1, 3, 5, seed=13)
-    assert not losses._use_triton("auto", logits)
+    assert not losses.use_triton("auto", logits)
     # Without Triton: 'auto' still works (CPU or not), 'triton' names the fix.
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.delitem(sys.modules, "scalegrad.triton_scalegrad")
@@ -237,3 +237,33 @@ def test_gpu_benchmark_harness_runs_in_the_interpreter(tmp_path):
     assert set(results["loss"][0]["seconds"]) == {"cross_entropy", "scalegrad_torch", "scalegrad_triton"}
     assert "fused_scalegrad" in results["train_step"][0]["seconds"]
     assert "| 1x6x37 | fp32 |" in (tmp_path / "smoke.md").read_text()
+
+
+@pytest.mark.parametrize("ignore_index", [None, 4])
+def test_fused_linear_path_uses_the_kernels_per_chunk(ignore_index, small_blocks):
+    """fused_linear_scalegrad_loss(impl='triton'): loss, gradients and statistics
+    equal to its torch path, with chunks that do not divide the positions."""
+    from scalegrad.fused import fused_linear_scalegrad_loss
+
+    g = torch.Generator().manual_seed(14)
+    hidden = torch.randn(2, 9, 8, generator=g, requires_grad=True)
+    weight = torch.randn(23, 8, generator=g, requires_grad=True)
+    bias = torch.randn(23, generator=g, requires_grad=True)
+    target = torch.randint(0, 6, (2, 9), generator=g)
+    if ignore_index is not None:
+        target[1, -3:] = ignore_index
+        target[0, 2] = ignore_index
+    results = {}
+    for impl in ("triton", "torch"):
+        loss, stats = fused_linear_scalegrad_loss(hidden, weight, target, 0.5, bias=bias, ignore_index=ignore_index,
+                                                  chunk_size=5, statistics=True, impl=impl)
+        grads = torch.autograd.grad(loss * 0.5, (hidden, weight, bias))
+        results[impl] = (loss, stats, grads)
+    (loss, stats, grads), (ref_loss, ref_stats, ref_grads) = results["triton"], results["torch"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    keep = (target != ignore_index).reshape(-1) if ignore_index is not None else slice(None)
+    torch.testing.assert_close(stats["nll"][keep], ref_stats["nll"][keep], rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats["higher"], ref_stats["higher"])
+    assert torch.equal(stats["predictions"], ref_stats["predictions"])
