@@ -10,7 +10,6 @@ of it fairseq's start-up) check that the plugin trains and logs what it should.
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from scalegrad.losses import scalegrad_loss  # noqa: E402
 from scalegrad.metrics import RANKING_METRIC_NAMES, ngram_metrics, ranking_metrics  # noqa: E402
 from scalegrad.unlikelihood import ngram_repeat_mask  # noqa: E402
 from tests.references import dense_candidate_penalty  # noqa: E402
+from tests.helpers import make_fairseq_checkout  # noqa: E402
 
 register_fairseq()
 
@@ -525,10 +525,11 @@ def test_gamma_one_matches_cross_entropy_from_a_copy(data_bin, tmp_path):
     smoothing): same seed, same first update's loss as fairseq's cross_entropy.
 
     The plugin runs from a copy dropped into a fairseq checkout as
-    ``fairseq/custom``: the relative imports make it work under its new name.
+    ``fairseq/custom`` (``--user-dir $FAIRSEQ_DIR/fairseq/custom``, beside
+    fairseq's own package entries, which fairseq then puts on ``sys.path``): the
+    relative imports make it work under its new name.
     """
-    copy = tmp_path / "fairseq" / "custom"
-    shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    _, copy = make_fairseq_checkout(tmp_path / "fairseq_checkout", PACKAGE_DIR)
     common = ["--task", "language_modeling", "--arch", "transformer_lm", "--max-update", "2"]
     _, _, ce = fairseq_train(data_bin, *common, "--criterion", "cross_entropy")
     # no --compute-metrics-interval: outside language_modeling_with_generation the
