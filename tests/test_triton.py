@@ -72,7 +72,7 @@ def _both(logits, target, gamma, weight=None, **kwargs):
 
 CASES = {
     # name: (batch, time, vocab, ignore_index, distinct ids, small blocks)
-    "repeats, several rows": (3, 11, 11, None, 6, True),
+    "repeats, several rows": (3, 8, 11, None, 6, True),
     "T = 1": (2, 1, 7, None, 6, True),
     "T > V": (2, 13, 5, None, 5, True),
     "padding": (3, 9, 13, -100, 6, True),
@@ -147,6 +147,13 @@ def test_strided_logits_and_target():
     logits, target = full[:, :-1], batch[:, 1:]
     assert not logits.is_contiguous() and not target.is_contiguous()
     (ours, g_ours), (ref, g_ref) = _both(logits, target, 0.2)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_int32_target():
+    logits, target = _inputs(2, 7, 9, seed=15)
+    (ours, g_ours), (ref, g_ref) = _both(logits, target.int(), 0.2, ignore_index=3)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
 
