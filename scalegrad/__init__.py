@@ -62,7 +62,13 @@ def register_fairseq() -> None:
     "scalegrad[fairseq]"``)."""
     from .fairseq_plugin import register
 
-    register()
+    try:
+        register()
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "fairseq":
+            raise
+        raise ModuleNotFoundError('fairseq is not installed: pip install "scalegrad[fairseq]" '
+                                  "(or bash scripts/setup_env.sh)", name=error.name) from error
 
 
 def fairseq_registered() -> bool:
