@@ -1,11 +1,24 @@
 """Result files -> the paper's table (and plots).
 
-Reads the JSON result files that ``scripts/run_gpt2.py`` and
-``scripts/evaluate_fairseq.py`` write (``singletoken__{model}__spl_{split}__bsz_{n}[_{step}].json``
-and ``completion__{model}__spl_{split}__topk_{k}__topp_{p}__pfl_{l}__cnl_{c}.json``, to which
-``evaluate_fairseq.py`` adds ``__beam_{B}__ngb_{N}`` for beam search)
-and builds one row per run and decoding setting with the columns of the
-original report: ``seq-rep-1, seq-rep-4, uniq-seq, ppl, acc, rep, wrep, uniq``.
+Two kinds of result files, one table with the columns of the original report,
+``seq-rep-1, seq-rep-4, uniq-seq, ppl, acc, rep, wrep, uniq``:
+
+* :func:`collect_rows`: the JSON files of ``scripts/run_gpt2.py`` (and of
+  ``evaluate_fairseq.py --result-format gpt2``):
+  ``singletoken__{model}__spl_{split}__bsz_{n}[_{step}].json`` and
+  ``completion__{model}__spl_{split}__topk_{k}__topp_{p}__pfl_{l}__cnl_{c}[__beam_{B}__ngb_{N}].json``;
+  one row per run and decoding setting. uniq-seq is the number of distinct
+  space-separated words of the decoded continuations.
+* :func:`collect_original_rows`: the files of the original fairseq evaluation
+  script (``scripts/evaluate_fairseq.py``), read as the original report script
+  did (``docs/reference.md``, fairseq evaluation and report): files named
+  ``{kind}__{model}__{key}_{value}__...`` whose settings are parsed from the
+  name; one row per model and setting (step, split, beam size, beam block,
+  top-k, top-p). Here uniq-seq is the number of distinct continuation *tokens*
+  (dictionary symbols) and uniq the number of distinct single-token
+  predictions; the human row takes seq-rep-N from the targets cut into pieces
+  of the completion length, rep from the metrics and uniq-seq / uniq from the
+  distinct target tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ class Row:
     split: str
     decoding: str
     values: dict = field(default_factory=dict)
+    source: str = "gpt2"  # "original": read from the original evaluation script's files
 
 
 def _read_json(path: Path) -> dict:
@@ -125,6 +139,137 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
     return rows + list(human_rows.values())
 
 
+# --------------------------------------------------------------------------- #
+# The original evaluation script's files (evaluate_fairseq.py)
+# --------------------------------------------------------------------------- #
+
+ORIGINAL_KINDS = {"completions": ".txt", "single_token_predictions": ".txt", "targets": ".txt",
+                  "metrics": ".json"}
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_original_name(name: str) -> tuple[str, str, dict]:
+    """``(kind, model, settings)`` of a file name ``{kind}__{model}__{key}_{value}__...``:
+    each ``key_value`` part split at its last underscore, numbers parsed."""
+    parts = ".".join(name.split(".")[:-1]).split("__")
+    settings = {}
+    for part in parts[2:]:
+        key, _, value = part.rpartition("_")
+        settings[key] = _parse_value(value)
+    return parts[0], parts[1] if len(parts) > 1 else "", settings
+
+
+def _lines(path: Path) -> list[list[str]]:
+    try:
+        return [line.split() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read result file {path}: {exc}") from None
+
+
+def original_file_metrics(path: Path, kind: str, settings: dict) -> dict:
+    """What the original report takes from one file (keys prefixed by the split)."""
+    from .metrics import NgramMetrics
+
+    split = settings.get("spl")
+    prefix_length, completion_length = settings.get("pfx"), settings.get("cmpl")
+    if kind == "metrics":
+        return _read_json(path)
+    if not isinstance(prefix_length, int) or not isinstance(completion_length, int):
+        raise UserError(f"{path.name} names no pfx_N and cmpl_N settings")
+    if kind == "completions":
+        continuations = []
+        for number, tokens in enumerate(_lines(path), 1):
+            if len(tokens) != prefix_length + completion_length:
+                raise UserError(f"{path} line {number} has {len(tokens)} tokens, not prefix + "
+                                f"completion = {prefix_length + completion_length}")
+            continuations.append(tokens[prefix_length:])
+        ngrams = NgramMetrics(pad=None)
+        ngrams.update(continuations)
+        return {**ngrams.report(split),
+                f"{split}/num_uniq_compl": len({t for tokens in continuations for t in tokens})}
+    if kind == "targets":
+        lines = _lines(path)
+        pieces = [tokens[i * completion_length:(i + 1) * completion_length]
+                  for tokens in lines for i in range(len(tokens) // completion_length)]
+        ngrams = NgramMetrics(pad=None)
+        ngrams.update(pieces)
+        return {**ngrams.report(f"{split}_human"),
+                f"{split}/num_uniq_target": len({t for tokens in lines for t in tokens})}
+    return {f"{split}/num_uniq_singletok": len({t for tokens in _lines(path) for t in tokens})}
+
+
+SHOWN_SETTINGS = {"model_name", "st", "spl", "tpk", "tpp", "bms", "bnb"}
+
+
+def collect_original_rows(eval_dirs, model_names=None, *, human: bool = True) -> list[Row]:
+    """Rows of the original evaluation files in ``eval_dirs`` (see the module doc).
+
+    For each name in ``model_names`` (default: every model found) the files matching
+    ``*__{name}*__spl_*__*`` are read and merged per setting, as the original
+    report did; ``human`` adds one reference row per split that has targets.
+    """
+    eval_dirs = [Path(d) for d in eval_dirs]
+    for directory in eval_dirs:
+        if not directory.is_dir():
+            raise UserError(f"evaluation directory {directory} does not exist")
+    files = [path for directory in eval_dirs for path in sorted(directory.glob("*__*__spl_*__*"))
+             if ORIGINAL_KINDS.get(parse_original_name(path.name)[0]) == path.suffix]
+    if model_names is None:
+        model_names = sorted({parse_original_name(path.name)[1] for path in files})
+    rows: list[Row] = []
+    human_rows: dict[str, Row] = {}
+    for name in model_names:
+        merged: dict[tuple, dict] = {}
+        for path in files:
+            if not path.match(f"*__{name}*__spl_*__*"):
+                continue
+            kind, model, settings = parse_original_name(path.name)
+            key = tuple(sorted({**settings, "model_name": model}.items(), key=lambda kv: kv[0]))
+            merged.setdefault(key, {}).update(original_file_metrics(path, kind, settings))
+        if not merged:
+            raise UserError(f"no evaluation files of model {name!r} (*__{name}*__spl_*__*) in "
+                            f"{', '.join(map(str, eval_dirs))}")
+        # Settings that tell rows apart beyond those shown in their own columns.
+        varying = sorted({k for key in merged for k, v in key
+                          if k not in SHOWN_SETTINGS and len({dict(o).get(k) for o in merged}) > 1})
+        for key, values in merged.items():
+            settings = dict(key)
+            split = settings.get("spl")
+            decoding = _decoding_name(str(settings.get("tpk", 1)), str(settings.get("tpp", 0.0)),
+                                      str(settings.get("bms", 1)), str(settings.get("bnb", 0)))
+            label = "; ".join([f"step {settings.get('st')}"] + [f"{k} {settings.get(k)}" for k in varying])
+            rows.append(Row(name, f"{settings['model_name']} ({label})", str(split),
+                            decoding, original_values(values, split), source="original"))
+            if human and f"{split}/num_uniq_target" in values and split not in human_rows:
+                human_rows[split] = Row("human", "-", str(split), "-",
+                                        original_human_values(values, split), source="original")
+    return rows + list(human_rows.values())
+
+
+def original_values(values: dict, split) -> dict:
+    """The table's columns from one merged setting, as the original report took them."""
+    columns = {"seq-rep-1": "pct_repeat_1grams", "seq-rep-4": "pct_repeat_4grams",
+               "uniq-seq": "num_uniq_compl", "ppl": "ppl", "acc": "hits_at_1",
+               "rep": "repeat_at_1/128", "wrep": "wrong_repeat_at_1/128",
+               "uniq": "num_uniq_singletok"}
+    return {column: values.get(f"{split}/{key}") for column, key in columns.items()}
+
+
+def original_human_values(values: dict, split) -> dict:
+    uniq = values.get(f"{split}/num_uniq_target")
+    return {"seq-rep-1": values.get(f"{split}_human/pct_repeat_1grams"),
+            "seq-rep-4": values.get(f"{split}_human/pct_repeat_4grams"), "uniq-seq": uniq,
+            "rep": values.get(f"{split}/human_repeat_at_1/128"), "uniq": uniq}
+
+
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -139,7 +284,24 @@ def _table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+ORIGINAL_LEGEND = (
+    "Rows from evaluate_fairseq.py's files (the original report): uniq-seq = distinct "
+    "continuation tokens (dictionary symbols), uniq = distinct single-token predictions; "
+    "human: seq-rep-N of the targets cut into completion-length pieces, uniq-seq = uniq = "
+    "distinct target tokens. Rows from run_gpt2.py's files: uniq-seq = distinct words of the "
+    "decoded continuations.")
+
+
 def render(rows: list[Row], fmt: str = "text") -> str:
+    """The table as text, CSV or Markdown; text and Markdown add a legend of the
+    uniq definitions when a row comes from the original evaluation files."""
+    table = _render_table(rows, fmt)
+    if fmt != "csv" and any(r.source == "original" for r in rows):
+        table += "\n" + ORIGINAL_LEGEND + "\n"
+    return table
+
+
+def _render_table(rows: list[Row], fmt: str) -> str:
     header, body = _table(rows)
     if fmt == "csv":
         out = io.StringIO()

@@ -3,9 +3,14 @@
 
     python scripts/report_metrics.py RUN_DIR [RUN_DIR ...] [--names N ...] \
         [--train-dirs DIR ...] [--output-dir OUT] [--format text|csv|markdown]
+    python scripts/report_metrics.py --eval-dirs DIR [DIR ...] [--model-names NAME ...]
 
-Each RUN_DIR holds the JSON results of ``run_gpt2.py --mode eval-*`` or
-``evaluate_fairseq.py``; one row per run and decoding setting. With
+Each RUN_DIR holds the JSON results of ``run_gpt2.py --mode eval-*`` (or
+``evaluate_fairseq.py --result-format gpt2``); one row per run and decoding
+setting. ``--eval-dirs`` reads the files of ``evaluate_fairseq.py`` (the original
+evaluation script's completions_, single_token_predictions_, targets_ and
+metrics_ files) as the original report script did, for each of
+``--model-names`` (default: every model found). Both can be given together. With
 ``--output-dir`` it writes ``report.md``, ``report.csv`` and the plots
 ``seq_rep_vs_ppl.png`` and (with ``--train-dirs``) ``validation_ppl.png``.
 """
@@ -18,12 +23,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from scalegrad.errors import UserError  # noqa: E402
 from scalegrad.io import atomic_path  # noqa: E402
-from scalegrad.report import collect_rows, plot_seq_rep_vs_ppl, plot_validation_curves, render  # noqa: E402
+from scalegrad.report import (collect_original_rows, collect_rows, plot_seq_rep_vs_ppl,  # noqa: E402
+                              plot_validation_curves, render)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", help="directories with result JSON files")
+    parser.add_argument("run_dirs", nargs="*", help="directories with run_gpt2.py result JSON files")
+    parser.add_argument("--eval-dirs", nargs="+", default=[],
+                        help="directories with evaluate_fairseq.py's files (the original's names)")
+    parser.add_argument("--model-names", nargs="+", default=None,
+                        help="models to report from --eval-dirs (files *__NAME*__spl_*__*; "
+                             "default: every model found)")
     parser.add_argument("--names", nargs="+", help="row names, one per RUN_DIR (default: folder names)")
     parser.add_argument("--train-dirs", nargs="+", help="training output directories (validation curves)")
     parser.add_argument("--train-names", nargs="+", help="curve names, one per --train-dirs entry")
@@ -34,7 +45,14 @@ def main(argv=None):
     parser.add_argument("--output-dir", help="also write report.md, report.csv and plots here")
     args = parser.parse_args(argv)
     try:
-        rows = collect_rows(args.run_dirs, args.names, view=args.view, human=not args.no_human)
+        if not args.run_dirs and not args.eval_dirs:
+            raise UserError("give RUN_DIRs (run_gpt2.py results) and/or --eval-dirs "
+                            "(evaluate_fairseq.py results)")
+        rows = []
+        if args.run_dirs:
+            rows += collect_rows(args.run_dirs, args.names, view=args.view, human=not args.no_human)
+        if args.eval_dirs:
+            rows += collect_original_rows(args.eval_dirs, args.model_names, human=not args.no_human)
         print(render(rows, args.format), end="")
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
