@@ -72,3 +72,67 @@ def test_cli_bad_input_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: result directory {tmp_path / 'nope'} does not exist"]
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- #
+# The original evaluation script's files (evaluate_fairseq.py, report --eval-dirs)
+# --------------------------------------------------------------------------- #
+
+SUFFIX = ("_sg__st_40__spl_valid__pfx_2__cmpl_4__bs_cmpl_128__bs_sprd_1024__bms_1__bnb_0"
+          "__tpk_1__tpp_0.0__sttpk_1__sttpp_0.0__ckst_None__ckep_None__ckpt_best")
+
+
+def _original_files(directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    # continuations: "a a a a" (1-gram repeat 3/4, 4-gram 0) and "b c b c" (1-gram 2/4, 4-gram 0)
+    (directory / f"completions_{SUFFIX}.txt").write_text("x y a a a a\nx z b c b c\n")
+    (directory / f"single_token_predictions_{SUFFIX}.txt").write_text("a b\nb c d\n")
+    # targets cut into pieces of 4: "p q p q" and "r r r r" ("s" left over)
+    (directory / f"targets_{SUFFIX}.txt").write_text("p q p q s\nr r r r\n")
+    (directory / f"metrics_{SUFFIX}.json").write_text(json.dumps({
+        "valid/ppl": 30.0, "valid/hits_at_1": 0.25, "valid/repeat_at_1/128": 0.5,
+        "valid/wrong_repeat_at_1/128": 0.375, "valid/human_repeat_at_1/128": 0.4,
+        "checkpoint_step": 40}))
+    (directory / "unrelated__sg__spl_x__y.txt").write_text("ignored")
+
+
+def test_original_files_parsed_as_the_original_report(tmp_path):
+    from scalegrad.report import collect_original_rows, parse_original_name
+
+    kind, model, settings = parse_original_name(f"metrics_{SUFFIX}.json")
+    assert (kind, model) == ("metrics", "sg")
+    assert settings["st"] == 40 and settings["tpp"] == 0.0 and settings["bs_cmpl"] == 128
+    assert settings["ckst"] == "None" and settings["ckpt"] == "best"
+    _original_files(tmp_path / "eval")
+    rows = collect_original_rows([tmp_path / "eval"], ["sg"])
+    assert [(r.run, r.model, r.split, r.decoding) for r in rows] == [
+        ("sg", "sg (step 40)", "valid", "greedy"), ("human", "-", "valid", "-")]
+    assert rows[0].values == {"seq-rep-1": round((0.75 + 0.5) / 2, 4), "seq-rep-4": 0.0,
+                              "uniq-seq": 3, "ppl": 30.0, "acc": 0.25, "rep": 0.5,
+                              "wrep": 0.375, "uniq": 4}
+    assert rows[1].values == {"seq-rep-1": round((0.5 + 0.75) / 2, 4), "seq-rep-4": 0.0,
+                              "uniq-seq": 4, "rep": 0.4, "uniq": 4}
+    text = render(rows, "text")
+    assert "uniq-seq = distinct continuation tokens" in text
+    assert "legend" not in render(rows, "csv") and "distinct" not in render(rows, "csv")
+
+
+def test_original_files_errors_and_cli(tmp_path):
+    _original_files(tmp_path / "eval")
+    (tmp_path / "eval" / f"completions_{SUFFIX.replace('cmpl_4', 'cmpl_5')}.txt").write_text("a b c\n")
+    script = str(ROOT / "scripts" / "report_metrics.py")
+    proc = subprocess.run([sys.executable, script, "--eval-dirs", str(tmp_path / "eval")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "line 1 has 3 tokens" in line
+    (tmp_path / "eval" / f"completions_{SUFFIX.replace('cmpl_4', 'cmpl_5')}.txt").unlink()
+    proc = subprocess.run([sys.executable, script, "--eval-dirs", str(tmp_path / "eval"),
+                           "--format", "markdown"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| sg | sg (step 40) | valid | greedy | 0.625 | 0 | 3 | 30 | 0.250 | 0.500 | 0.375 | 4 |" in proc.stdout
+    proc = subprocess.run([sys.executable, script, "--eval-dirs", str(tmp_path / "eval"),
+                           "--model-names", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no evaluation files of model 'nope'" in proc.stderr
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: give RUN_DIRs")
