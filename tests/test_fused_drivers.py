@@ -4,7 +4,7 @@ and the output embedding (``scalegrad.fused``) instead of the full logits.
 GPT-2 driver: training steps with and without the flag give the same losses, the
 same logged metrics and the same weights (float32 and bf16 autocast); a model
 whose logits are not ``hidden @ W.T`` is refused with a UserError naming the flag;
-one ``run_gpt2.py --fused-loss`` run under torchrun, two processes (slow).
+under torchrun: ``tests/test_gpt2_distributed.py``.
 
 fairseq: the ``scalegrad`` criterion with ``--fused-loss`` on ``gpt2_pretrained``
 gives the same loss, gradients, ``nll_loss`` and token metrics as without, on a
@@ -14,9 +14,6 @@ batch with padding; any other model falls back to the logits with one warning.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +32,6 @@ from scalegrad.metrics import ranking_metrics, ranking_metrics_from_ranks
 from tests import helpers
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "run_gpt2.py"
 
 
 @pytest.fixture(scope="module")
@@ -202,29 +198,6 @@ def test_fused_chunk_size_is_checked(tiny_data_base, tmp_path):
     with pytest.raises(UserError, match="--fused-chunk-size"):
         parse_args(train_argv(tiny_data_base, tmp_path, tmp_path, "--fused-loss",
                               "--fused-chunk-size", 0))
-
-
-@pytest.mark.slow
-def test_run_gpt2_fused_loss_under_torchrun(tiny_model_dir, short_data_base, tmp_path):
-    """``run_gpt2.py --fused-loss`` as a subprocess, two torchrun processes (the fused
-    loss runs inside the DDP-wrapped module's forward): the same weights as one process
-    accumulating two chunks per update with the plain loss."""
-    flags = ["--train-n-steps", 3, "--gamma", 0.5]
-    out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", str(SCRIPT), *train_argv(short_data_base, out, tiny_model_dir, *flags,
-                                              "--fused-loss", "--fused-chunk-size", 8)]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert "step 3:" in output and "hits_at_1" in output
-    assert (out / "resume" / "training_state.pt").is_file()
-    _, single = train_steps(train_argv(short_data_base, tmp_path / "single", tiny_model_dir,
-                                       *flags, "--gradient-accumulation-steps", 2))
-    ddp = load_file(str(out / "model.safetensors"))
-    assert max_weight_diff(single, ddp) < 1e-5
 
 
 # --------------------------------------------------------------------------- #

@@ -341,10 +341,10 @@ class Trainer:
                         bar.close()
                         bar = None
         if status == "interrupted":
-            if runtime.is_main:
-                logger.warning("stopped (%s) after %d steps; the checkpoint is in %s",
-                               self.stop.signal_name, progress.total_steps,
-                               checkpoint.resume_dir(self.output_dir))
+            # Every rank says where it stopped (the same step on all of them).
+            logger.warning("rank %d stopped (%s) after %d steps; the checkpoint is in %s",
+                           runtime.rank, self.stop.signal_name or "another rank's stop request",
+                           progress.total_steps, checkpoint.resume_dir(self.output_dir))
             return TrainResult("interrupted", progress.total_steps, progress.best_ppl, self.last_report)
         progress.finished = True
         self.save_checkpoint(publish=True)
