@@ -190,6 +190,64 @@ def bench_train_step(cfg, device, reps):
     return row
 
 
+def bench_driver_step(cfg, device, reps):
+    """The GPT-2 driver's training step on one chunk, as the trainer runs it (the
+    StepModel forward with the step's logged metrics, backward, optimizer step): the
+    plain ScaleGrad step, the --fused-loss step (statistics from the loss's own pass),
+    and the fused step as it was before (a second no-grad matmul for the statistics).
+    The variants run in turn within each repetition, so load drifts hit them alike."""
+    from argparse import Namespace
+
+    from scalegrad.fused import chunked_logit_statistics
+    from scalegrad.gpt2.objectives import StepModel
+    from scalegrad.gpt2.runtime import Runtime
+    from scalegrad.metrics import ranking_metrics_from_ranks
+
+    model = gpt2_model(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab"], cfg["time"] + 1,
+                       device).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    runtime = Runtime(device=device, progress=False)
+    step_model = StepModel(model, Namespace(gamma=0.2, fused_chunk_size=256), runtime)
+    g = torch.Generator().manual_seed(2)
+    chunk = torch.randint(0, min(cfg["vocab"], 500), (cfg["time"] + 1,), generator=g).to(device)
+
+    def step(objective):
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            if objective == "fused_two_pass":
+                inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+                hidden = model.transformer(input_ids=inp).last_hidden_state
+                loss = fused_linear_scalegrad_loss(hidden, model.lm_head.weight, target, 0.2)
+                stats = chunked_logit_statistics(hidden, model.lm_head.weight, None, target, 256,
+                                                 nll=False)
+                ranking_metrics_from_ranks(stats["higher"], stats["predictions"], target[0])
+                loss = loss / target.numel()
+            else:
+                loss, _ = step_model(chunk, objective)
+            loss.backward()
+            optimizer.step()
+        return run
+
+    names = ("token", "fused", "fused_two_pass")
+    fns = {name: step(name) for name in names}
+    for fn in fns.values():
+        fn()  # warm-up
+    samples = {name: [] for name in names}
+    for _ in range(reps):
+        for name in names:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    times = {name: statistics.median(values) for name, values in samples.items()}
+    row = {"config": cfg, "seconds": times, "fused_vs_plain": times["fused"] / times["token"],
+           "two_pass_vs_plain": times["fused_two_pass"] / times["token"]}
+    print(f"[driver step] {cfg}: fused x{row['fused_vs_plain']:.3f} of the plain step "
+          f"(two passes, as before: x{row['two_pass_vs_plain']:.3f})", flush=True)
+    return row
+
+
 def bench_fused_memory(cfg, device):
     """Peak memory of a training step at a long sequence: fused vs plain."""
     shape = (cfg["batch"], cfg["time"], cfg["vocab"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"])
@@ -344,6 +402,13 @@ def markdown(results):
         c = row["config"]
         lines.append(f"| training step time | {c['n_layer']}L/{c['n_embd']}d, {c['batch']}x{c['time']}, V={c['vocab']} "
                      f"| ScaleGrad vs MLE | {row['scalegrad_vs_mle']:.3f}x |")
+    for row in results.get("driver_step", []):
+        c = row["config"]
+        shape = f"{c['n_layer']}L/{c['n_embd']}d, 1x{c['time']}, V={c['vocab']}"
+        lines.append(f"| driver training step time | {shape} | fused vs plain ScaleGrad "
+                     f"| {row['fused_vs_plain']:.3f}x |")
+        lines.append(f"| driver training step time | {shape} | fused with a second statistics pass "
+                     f"(before) vs plain | {row['two_pass_vs_plain']:.3f}x |")
     for row in results.get("fused_memory", []):
         c = row["config"]
         lines.append(f"| training step peak memory | {c['n_layer']}L/{c['n_embd']}d, {c['batch']}x{c['time']}, V={c['vocab']} "
@@ -363,7 +428,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--name", default=None, help="results file name (default: device kind)")
-    parser.add_argument("--only", default=None, help="comma list of: loss,train,fused,completion,singletoken")
+    parser.add_argument("--only", default=None, help="comma list of: loss,train,driver,fused,completion,singletoken")
     parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -373,19 +438,23 @@ def main(argv=None):
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    only = set(args.only.split(",")) if args.only else {"loss", "train", "fused", "completion", "singletoken"}
+    only = set(args.only.split(",")) if args.only else {"loss", "train", "driver", "fused", "completion",
+                                                           "singletoken"}
     reps = args.reps or (3 if args.quick else 5)
     if args.quick:
         loss_shapes = [(1, 64, 5000)]
         train_cfg = dict(n_layer=2, n_embd=64, n_head=2, vocab=5000, batch=1, time=64)
+        driver_cfg = dict(n_layer=2, n_embd=64, n_head=2, vocab=5000, time=256)
         fused_cfg = dict(n_layer=1, n_embd=64, n_head=2, vocab=5000, batch=2, time=256)
     elif cuda:
         loss_shapes = [(1, 300, 50257), (4, 512, 50257)]
         train_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, batch=4, time=512)
+        driver_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, time=1024)
         fused_cfg = dict(n_layer=12, n_embd=768, n_head=12, vocab=50257, batch=4, time=1024)
     else:
         loss_shapes = [(1, 300, 50257), (4, 512, 50257)]
         train_cfg = dict(n_layer=4, n_embd=768, n_head=12, vocab=50257, batch=1, time=300)
+        driver_cfg = dict(n_layer=2, n_embd=768, n_head=12, vocab=50257, time=1024)
         fused_cfg = dict(n_layer=1, n_embd=256, n_head=4, vocab=50257, batch=4, time=1024)
 
     if args.quick:
@@ -414,6 +483,8 @@ def main(argv=None):
         results["loss"] = bench_losses(loss_shapes, device, reps)
     if "train" in only:
         results["train_step"] = [bench_train_step(train_cfg, device, reps)]
+    if "driver" in only:
+        results["driver_step"] = [bench_driver_step(driver_cfg, device, reps)]
     if "fused" in only:
         results["fused_memory"] = [bench_fused_memory(fused_cfg, device)]
     if "completion" in only:

@@ -140,7 +140,10 @@ def _backprop_chunk(grad_logits, h, weight, start, stop, grad_hidden, grad_weigh
     if grad_hidden is not None:
         grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(grad_hidden.dtype)
     if grad_weight is not None:
-        grad_weight += grad_logits.t() @ h.to(grad_weight.dtype)
+        if torch.is_autocast_enabled(h.device.type):  # the product in the autocast dtype
+            grad_weight += grad_logits.t() @ h.to(grad_weight.dtype)
+        else:  # accumulated by the matmul itself: no (vocab, dim) temporary per chunk
+            grad_weight.addmm_(grad_logits.t(), h.to(grad_weight.dtype))
     if grad_bias is not None:
         grad_bias += grad_logits.sum(0)
 
