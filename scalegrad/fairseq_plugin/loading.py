@@ -123,8 +123,8 @@ def load_model(path, data_dir, *, device="cpu") -> LoadedModel:
     task_cfg["data"] = data_dir
     model_cfg = OmegaConf.create(cfg["model"])
     try:
-        task = tasks.setup_task(OmegaConf.create(task_cfg), **kwargs)
-        model = task.build_model(model_cfg)
+        task = tasks.setup_task(OmegaConf.create(task_cfg), from_checkpoint=True, **kwargs)
+        model = task.build_model(model_cfg, from_checkpoint=True)
     except UserError:
         raise
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
