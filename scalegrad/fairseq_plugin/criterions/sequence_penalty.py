@@ -35,7 +35,7 @@ from fairseq.logging import metrics
 from fairseq.models import FairseqIncrementalDecoder
 
 from ...errors import UserError
-from ...metrics import ngram_metrics
+from ...metrics import ngram_metric_sums
 from ...unlikelihood import ngram_repeat_mask, sequence_penalty_loss
 
 SEQUENCE_CANDIDATE_TYPES = ChoiceEnum(["repeat", "random"])
@@ -198,11 +198,8 @@ class SequencePenaltyCriterion(FairseqCriterion):
             "seq_sample_size": ntokens,
         }
         # Sums of per-continuation values; divided by the continuation count when reduced.
-        for n in NGRAM_ORDERS:
-            logging_output[f"seq_pct_repeat_{n}grams"] = 0.0
-        for row in continuation.tolist():
-            for key, value in ngram_metrics(row, pad=self.padding_idx).items():
-                logging_output["seq_" + key] += value
+        for key, value in ngram_metric_sums(continuation, pad=self.padding_idx).items():
+            logging_output["seq_" + key] = value
         # As the main criterion: what fairseq's trainer and progress bar expect.
         logging_output.update(loss=loss.data, ntokens=ntokens, nsentences=nsentences,
                               sample_size=ntokens)
