@@ -21,7 +21,17 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    import argparse
+
     import fairseq  # noqa: F401  (a clear ImportError when it is missing)
+    import torch
+
+    # fairseq records the config of its argparse architectures (``transformer``,
+    # ``transformer_lm``, ...) as an argparse.Namespace, which torch >= 2.6 refuses
+    # to unpickle under its default torch.load(weights_only=True): fairseq-generate
+    # could not load such a checkpoint. A Namespace holds plain attributes: allow it.
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals([argparse.Namespace])
 
     for folder in ("criterions", "tasks", "models"):
         import_all_modules(f"{__name__}.{folder}", folder)
