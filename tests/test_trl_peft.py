@@ -55,7 +55,10 @@ def test_sft_trainer_trains_with_the_scalegrad_loss(tiny_model_dir, tmp_path):
     before = _loss_on(model, tokenizer, hook)
     args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=20, per_device_train_batch_size=4,
                      learning_rate=3e-3, use_cpu=True, report_to=[], save_strategy="no",
-                     logging_steps=10, disable_tqdm=True, max_length=64)
+                     logging_steps=10, disable_tqdm=True, max_length=64,
+                     # The plain-logits loss path: TRL 1.14's default ("chunked_nll") never
+                     # builds the logits and fails under a compute_loss_func; 1.16 handles both.
+                     loss_type="nll")
     calls = []
     with warnings.catch_warnings():
         # TRL 1.16 marks compute_loss_func deprecated (to go in TRL 2.0); it still works.
