@@ -40,7 +40,16 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
 
         needs_grad = ctx.needs_input_grad
         grad_hidden = torch.zeros_like(flat_hidden) if needs_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if needs_grad[1] else None
+        # Outside autocast the first chunk's product is written into grad_weight and the
+        # others are accumulated by the matmul itself (no zero fill, no temporaries), and
+        # every chunk's logits go into one buffer: on a CPU each fresh (chunk, vocab) or
+        # (vocab, dim) tensor costs its page faults again.
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        in_place = not autocast and batch * time > 0
+        grad_weight = ((torch.empty if in_place else torch.zeros)(
+            weight.shape, dtype=compute_dtype, device=weight.device) if needs_grad[1] else None)
+        logits_buffer = (torch.empty(min(chunk_size, batch * time), vocab, dtype=weight.dtype,
+                                     device=weight.device) if in_place else None)
         grad_bias = (
             torch.zeros(vocab, dtype=compute_dtype, device=weight.device)
             if bias is not None and needs_grad[2] else None
@@ -61,7 +70,12 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
             h = flat_hidden[start:stop]
             # As the model's head computes them (one addmm with a bias), so the
             # statistics compare the same values as logits from the head would.
-            logits = F.linear(h, weight, bias).to(compute_dtype)
+            if logits_buffer is not None:  # the kernels F.linear calls, into the buffer
+                out = logits_buffer[:stop - start]
+                logits = (torch.mm(h, weight.t(), out=out) if bias is None
+                          else torch.addmm(bias, h, weight.t(), out=out)).to(compute_dtype)
+            else:
+                logits = F.linear(h, weight, bias).to(compute_dtype)
             y = flat_target[start:stop]
             if kernels is not None:
                 grad_logits = grad_buffer[:stop - start] if grad_buffer is not None else None
@@ -125,12 +139,16 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_statistics_grads):
+        # The gradients were computed in the forward pass; they are scaled in place
+        # (no second (vocab, dim) tensor), so a second backward would be wrong.
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("fused_linear_scalegrad_loss: backward can run once per forward")
+        ctx.backward_done = True
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_output
         return (
-            grad_hidden * scale if grad_hidden is not None else None,
-            grad_weight * scale if grad_weight is not None else None,
-            grad_bias * scale if grad_bias is not None else None,
+            grad_hidden.mul_(grad_output) if grad_hidden is not None else None,
+            grad_weight.mul_(grad_output) if grad_weight is not None else None,
+            grad_bias.mul_(grad_output) if grad_bias is not None else None,
             None, None, None, None, None, None, None,
         )
 
@@ -142,7 +160,9 @@ def _backprop_chunk(grad_logits, h, weight, start, stop, grad_hidden, grad_weigh
     if grad_weight is not None:
         if torch.is_autocast_enabled(h.device.type):  # the product in the autocast dtype
             grad_weight += grad_logits.t() @ h.to(grad_weight.dtype)
-        else:  # accumulated by the matmul itself: no (vocab, dim) temporary per chunk
+        elif start == 0:  # grad_weight is uninitialised (see forward)
+            torch.mm(grad_logits.t(), h.to(grad_weight.dtype), out=grad_weight)
+        else:
             grad_weight.addmm_(grad_logits.t(), h.to(grad_weight.dtype))
     if grad_bias is not None:
         grad_bias += grad_logits.sum(0)

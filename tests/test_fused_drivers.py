@@ -218,6 +218,11 @@ def fairseq_built(tiny_data_base, tiny_model_dir):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+    import scalegrad
+
+    # scalegrad was imported before fairseq here, so --user-dir finds it in sys.modules
+    # and registers nothing: register it as a --user-dir import would.
+    scalegrad.register_fairseq()
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
         tiny_data_base, "--user-dir", str(REPO / "scalegrad"), "--pretrained-model",
