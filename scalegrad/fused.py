@@ -90,19 +90,27 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
                 if grad_logits is not None:
                     _backprop_chunk(grad_logits, h, weight, start, stop, grad_hidden, grad_weight, grad_bias)
                 continue
-            lse = logits.logsumexp(dim=1, keepdim=True)
             rows = row_of[start:stop]
             positions = torch.arange(start, stop, device=target.device) % time
             context_ids = target[rows]  # (chunk, time)
             in_context = in_context_all[rows, positions]
             target_seen = target_seen_all[rows, positions]
             target_logits = logits.gather(1, y[:, None])
-            target_lprobs = target_logits.squeeze(1) - lse.squeeze(1)
-            if statistics:  # from these logits, before they become the gradient below
-                parts["nll"].append(lse.squeeze(1) - target_logits.squeeze(1))
+            context_logits = logits.gather(1, context_ids)
+            # One pass gives the row maximum and the argmax (the first maximal index,
+            # as argmax); the statistics read these logits before they become the
+            # softmax, in place: exp(logits - max) / sum, as logsumexp computes it,
+            # without its (chunk, vocab) temporary.
+            row_max, predictions = logits.max(dim=1, keepdim=True)
+            if statistics:
                 parts["higher"].append((logits > target_logits).sum(dim=1))
-                parts["predictions"].append(logits.argmax(dim=1))
-            context_lprobs = logits.gather(1, context_ids) - lse
+                parts["predictions"].append(predictions.squeeze(1))
+            sum_exp = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)
+            lse = row_max + sum_exp.log()
+            target_lprobs = (target_logits - lse).squeeze(1)
+            if statistics:
+                parts["nll"].append(-target_lprobs)
+            context_lprobs = context_logits - lse
             loss, aux = scalegrad_terms(
                 target_lprobs, context_lprobs, in_context, target_seen, gamma, eps, vocab
             )
@@ -119,7 +127,7 @@ class _FusedLinearScaleGrad(torch.autograd.Function):
                 else torch.ones_like(loss)
             )
             grad_logits = scalegrad_logit_grad_(
-                logits.sub_(lse).exp_(), context_ids, y, aux, gamma, position_weight
+                logits.div_(sum_exp), context_ids, y, aux, gamma, position_weight
             )
             _backprop_chunk(grad_logits, h, weight, start, stop, grad_hidden, grad_weight, grad_bias)
 
