@@ -53,6 +53,7 @@ setup(
         # with --no-build-isolation). tensorboardX: fairseq's --tensorboard-logdir
         # (and no "Please install tensorboardX" line at fairseq's import).
         "fairseq": ["fairseq-fixed==0.12.3.1", "tensorboardX"],
+        # A CUDA torch brings the Triton it was built with; this extra is for the rest.
         "triton": ["triton"],
         # accelerate: what transformers.Trainer needs; trl, peft: the SFTTrainer and
         # LoRA tests of the Trainer hook.

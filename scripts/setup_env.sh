@@ -47,6 +47,12 @@ fi
 echo "setup: installing scalegrad and its dependencies (the first fairseq build takes a few minutes)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[fairseq,dev]"
 
+# The Triton kernel's tests run in Triton's CPU interpreter, which needs triton >= 3.9
+# next to numpy 2. A CUDA torch pins the Triton it was built with: leave that one alone.
+if "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then
+    "${PIP[@]}" install -q "triton>=3.9"
+fi
+
 # The torchaudio trap: fairseq requires torchaudio, pip installs a release that
 # cannot load next to this torch, and transformers imports torchaudio when it is
 # installed, so 'from transformers import GPT2LMHeadModel' would crash. fairseq's
