@@ -7,6 +7,8 @@ top of torch and transformers, no compiler. Extras:
 - ``fairseq``: fairseq (built from source against the installed torch, a few
   minutes on a small machine) and tensorboardX, for ``--user-dir scalegrad``.
 - ``triton``: Triton, for the optional Triton kernel.
+- ``tracking``: TensorBoard and Weights & Biases, for the GPT-2 driver's
+  ``--tensorboard-logdir`` and ``--wandb-project``.
 - ``dev``: the test tools, plus accelerate, TRL and PEFT for the Trainer tests.
 
 ``bash scripts/setup_env.sh`` (``make setup``) installs everything into .venv: it
@@ -55,9 +57,13 @@ setup(
         "fairseq": ["fairseq-fixed==0.12.3.1", "tensorboardX"],
         # A CUDA torch brings the Triton it was built with; this extra is for the rest.
         "triton": ["triton"],
+        # The GPT-2 driver's --tensorboard-logdir (tensorboard: the writer and the
+        # viewer; tensorboardX also works) and --wandb-project.
+        "tracking": ["tensorboard", "wandb"],
         # accelerate: what transformers.Trainer needs; trl, peft: the SFTTrainer and
-        # LoRA tests of the Trainer hook.
-        "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft"],
+        # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests.
+        "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft",
+                "tensorboard", "wandb"],
     },
     # Commands on the PATH: add "name = module:function" lines here.
     entry_points={

@@ -106,7 +106,8 @@ def _evaluate(args, runtime) -> RunResult:
 
 
 def _train(args, runtime, on_step) -> RunResult:
-    from .trainer import Trainer
+    from .tracking import close_sinks, open_sinks
+    from .trainer import Trainer, _args_snapshot
 
     resume_state = None
     source, flag = model_source(args), _model_flag(args)
@@ -121,7 +122,13 @@ def _train(args, runtime, on_step) -> RunResult:
     model = load_model(source, flag=flag)
     tokenizer = load_tokenizer_for(args, source)
     trainer = Trainer(args, runtime, model, tokenizer, resume_state=resume_state, on_step=on_step)
-    outcome = trainer.run()
+    # TensorBoard / W&B (rank 0): opened once everything is checked, before training.
+    sinks = open_sinks(args, config=_args_snapshot(args)) if runtime.is_main else []
+    trainer.scalar_sinks.extend(sinks)
+    try:
+        outcome = trainer.run()
+    finally:
+        close_sinks(sinks)
     result = RunResult("train", train=outcome)
     if outcome.status == "interrupted":
         result.resume_hint = (f"stopped after {outcome.total_steps} steps; the checkpoint is in "

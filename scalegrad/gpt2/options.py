@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
              "steps (--sequence-tune-rate) and evaluation use the full logits as before")
     add("--fused-chunk-size", type=int, default=256,
         help="positions whose logits --fused-loss makes at a time")
+    add("--tensorboard-logdir", default=None, metavar="DIR",
+        help="--mode train: write every training report (train/...) and validation "
+             "(valid/...) as TensorBoard scalars against the update number into DIR "
+             "(needs tensorboard or tensorboardX: pip install \"scalegrad[tracking]\")")
+    add("--wandb-project", default=None, metavar="NAME",
+        help="--mode train: log the same scalars to a Weights & Biases run in project NAME "
+             "(needs wandb: pip install \"scalegrad[tracking]\"; WANDB_MODE=offline works "
+             "without a network)")
 
     # ---- options that change a quirk of the original (off: the original's behaviour) ----
     add("--enable-dropout", action="store_true",
@@ -292,6 +300,9 @@ def check_args(args: argparse.Namespace) -> None:
              f"--fused-chunk-size must be at least 1, got {args.fused_chunk_size}")
     if args.resume:
         _require(args.mode == "train", "--resume only applies to --mode train")
+    from .tracking import check_tracking
+
+    check_tracking(args)
 
 
 def accumulation_steps(args: argparse.Namespace) -> int:
