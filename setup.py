@@ -65,8 +65,14 @@ setup(
         "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft",
                 "tensorboard", "wandb"],
     },
-    # Commands on the PATH: add "name = module:function" lines here.
+    # Commands on the PATH; the scripts/ files run the same functions.
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "scalegrad-run-gpt2 = scalegrad.gpt2.run_gpt2:main",
+            "scalegrad-prepare-data = scalegrad.cli:prepare_data_main",
+            "scalegrad-report = scalegrad.cli:report_main",
+            "scalegrad-evaluate-fairseq = scalegrad.fairseq_plugin.eval_cli:main",
+            "scalegrad-export-hf = scalegrad.fairseq_plugin.export_cli:main",
+        ],
     },
 )

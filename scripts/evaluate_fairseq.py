@@ -12,10 +12,10 @@ metrics of one split, in files named with the original's suffix.
 Any fairseq language model works (transformer_lm, transformer_lm_ul,
 gpt2_pretrained, ...); ``--result-format gpt2`` writes a gpt2_pretrained
 checkpoint's results named like run_gpt2.py's instead. See the README (fairseq).
-The logic lives in ``scalegrad.fairseq_plugin.eval_cli``.
+Installed, the same command is ``scalegrad-evaluate-fairseq``; the logic lives in
+``scalegrad.fairseq_plugin.eval_cli``.
 """
 
-import logging
 import os
 import sys
 
@@ -24,6 +24,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scalegrad.fairseq_plugin.eval_cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-                        level=logging.INFO)
     sys.exit(main())

@@ -7,40 +7,16 @@
 
 The folder (``save_pretrained``: config, safetensors weights, tokenizer) loads with
 ``AutoModelForCausalLM.from_pretrained`` and gives the fairseq model's logits. No
-fairseq is needed. The logic lives in ``scalegrad.fairseq_plugin.checkpoints``.
+fairseq is needed. Installed, the same command is ``scalegrad-export-hf``; the logic
+lives in ``scalegrad.fairseq_plugin.export_cli``.
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scalegrad.errors import UserError  # noqa: E402
-from scalegrad.fairseq_plugin.checkpoints import export_to_hf  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", "--path", dest="checkpoint", required=True,
-                        help="fairseq checkpoint file (checkpoint_best.pt, ...)")
-    parser.add_argument("--output-dir", required=True,
-                        help="folder to write (replaced if it exists)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer to save with the model (hub name or folder); default: "
-                             "the one the checkpoint was trained with")
-    parser.add_argument("--no-tokenizer", action="store_true", help="save the model only")
-    args = parser.parse_args(argv)
-    try:
-        path = export_to_hf(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
-                            save_tokenizer=not args.no_tokenizer)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"written: {path}")
-    return 0
-
+from scalegrad.fairseq_plugin.export_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -192,7 +192,7 @@ def test_fairseq_data_bin(prepared_again):
 
 def test_fairseq_data_bin_without_fairseq_is_a_user_error(corpus_file, tmp_path, capsys, monkeypatch):
     script = load_script()
-    monkeypatch.setattr(script.data, "fairseq_available", lambda: False)
+    monkeypatch.setattr(data, "fairseq_available", lambda: False)  # the module scalegrad.cli calls
     assert script.main(["--input", str(corpus_file), "--output-dir", str(tmp_path / "out"),
                         "--fairseq-data-bin", str(tmp_path / "bin")]) == 2
     assert "needs fairseq" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..cli import configure_logging
 from ..errors import UserError
 from .checkpoints import find_checkpoints
 
@@ -249,7 +250,9 @@ def run_evaluation(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    """``evaluate_fairseq.py``: 0 on success, 2 with one ``error:`` line on a user's mistake."""
+    """``evaluate_fairseq.py`` (``scalegrad-evaluate-fairseq``): 0 on success, 2 with one
+    ``error:`` line on a user's mistake."""
+    configure_logging(logging.INFO)
     try:
         args = parse_args(argv)
         written = run_evaluation(args)

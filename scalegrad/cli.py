@@ -1,0 +1,210 @@
+"""The commands of the core: ``scalegrad-prepare-data`` (``scripts/prepare_data.py``)
+and ``scalegrad-report`` (``scripts/report_metrics.py``), and the logging setup of
+every command. Nothing in the package imports this module; the scripts and the
+console scripts call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import data, tokenization
+from .errors import UserError
+from .io import atomic_path
+from .report import (collect_original_rows, collect_rows, plot_seq_rep_vs_ppl,
+                     plot_validation_curves, render)
+
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
+
+
+def configure_logging(level: int) -> None:
+    """Log to standard error at ``level``, unless the program set up logging already
+    (a caller, pytest): called first by every command's ``main``."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format=LOG_FORMAT, level=level)
+
+
+# --------------------------------------------------------------------------- #
+# scalegrad-prepare-data
+# --------------------------------------------------------------------------- #
+
+PREPARE_DATA_DOC = """Raw text -> ``{train,valid,test}_tokens_bpe_gpt2.pt`` (the original data format).
+
+Examples:
+
+    # offline demo: the Python docs bundled with CPython, a BPE trained on them
+    scalegrad-prepare-data --output-dir data/pydoc --train-tokenizer
+
+    # your own text with the real GPT-2 tokenizer (needs internet once)
+    scalegrad-prepare-data --input corpus/ --tokenizer gpt2 --output-dir data/mine
+
+    # also a fairseq data-bin over the same ids
+    scalegrad-prepare-data --output-dir data/pydoc --fairseq-data-bin data-bin/pydoc
+
+The text is split by position (train first, then valid, then test) at paragraph
+boundaries. When ``--tokenizer`` is a hub name that cannot be loaded (no
+internet), a byte-level BPE is trained on the training split instead and saved
+under ``OUTPUT_DIR/tokenizer``; pass that folder as the tokenizer/model of later runs.
+(``python scripts/prepare_data.py`` is the same command.)
+"""
+
+
+def prepare_data_parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=PREPARE_DATA_DOC.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", metavar="PATH",
+                        help="text files or folders (searched recursively for *.txt); "
+                             "default: the offline pydoc corpus bundled with Python")
+    parser.add_argument("--output-dir", required=True,
+                        help="where the three {split}_tokens_bpe_gpt2.pt files go")
+    parser.add_argument("--tokenizer", default="gpt2",
+                        help="tokenizer name or folder (default: gpt2)")
+    parser.add_argument("--train-tokenizer", action="store_true",
+                        help="train a byte-level BPE on the training split instead of loading one")
+    parser.add_argument("--vocab-size", type=int, default=8000,
+                        help="vocabulary size of a trained BPE (default: 8000)")
+    parser.add_argument("--valid-fraction", type=float, default=0.05,
+                        help="share of the text for the valid split (default: 0.05)")
+    parser.add_argument("--test-fraction", type=float, default=0.05,
+                        help="share of the text for the test split (default: 0.05)")
+    parser.add_argument("--fairseq-data-bin", metavar="DIR",
+                        help="also binarise the ids with fairseq-preprocess into DIR")
+    parser.add_argument("--fairseq-ids-per-line", type=int, default=512,
+                        help="ids per line of the text handed to fairseq (it appends </s> "
+                             "to each line; default: 512)")
+    return parser.parse_args(argv)
+
+
+def prepare_data(args: argparse.Namespace) -> None:
+    """Read, split, tokenize and save (and binarise for fairseq) as the flags say."""
+    if args.fairseq_data_bin and not data.fairseq_available():
+        raise UserError("--fairseq-data-bin needs fairseq, which is not installed here; "
+                        "install it or drop the option")
+    if args.fairseq_ids_per_line < 1:
+        raise UserError(f"--fairseq-ids-per-line must be at least 1, got {args.fairseq_ids_per_line}")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} exists and is not a folder")
+
+    text = data.read_text_inputs(args.input) if args.input else data.default_corpus_text()
+    texts = data.split_corpus(text, args.valid_fraction, args.test_fraction)
+
+    tokenizer_dir = output_dir / "tokenizer"
+    tokenizer = None
+    if not args.train_tokenizer:
+        try:
+            tokenizer = tokenization.load_tokenizer(args.tokenizer)
+        except UserError as exc:
+            if os.path.exists(args.tokenizer):
+                raise
+            print(f"warning: {exc}", file=sys.stderr)
+            print(f"warning: training a byte-level BPE on the training split instead "
+                  f"(saved under {tokenizer_dir})", file=sys.stderr)
+    if tokenizer is None:
+        tokenizer = tokenization.train_bpe_tokenizer(texts["train"], args.vocab_size, tokenizer_dir)
+        tokenizer_source = str(tokenizer_dir)
+    else:
+        tokenizer_source = args.tokenizer
+
+    splits = tokenization.tokenize_splits(tokenizer, texts)
+    vocab_size = len(tokenizer)
+    paths = data.save_splits(splits, output_dir)
+    if args.fairseq_data_bin:
+        data.write_fairseq_data_bin(splits, args.fairseq_data_bin, vocab_size=vocab_size,
+                                    ids_per_line=args.fairseq_ids_per_line)
+
+    for split in data.SPLITS:
+        print(f"{split}: {splits[split].numel()} tokens -> {paths[split]}")
+    print(f"vocabulary size: {vocab_size} (tokenizer: {tokenizer_source})")
+    if args.fairseq_data_bin:
+        print(f"fairseq data-bin: {args.fairseq_data_bin} "
+              f"(fairseq index = token id + {data.FAIRSEQ_NUM_SPECIAL})")
+
+
+def prepare_data_main(argv=None) -> int:
+    """``scalegrad-prepare-data``: 0, or 2 with one ``error:`` line."""
+    configure_logging(logging.WARNING)
+    args = prepare_data_parse_args(argv)
+    try:
+        prepare_data(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --------------------------------------------------------------------------- #
+# scalegrad-report
+# --------------------------------------------------------------------------- #
+
+REPORT_DOC = """Result files -> the paper's table (text, CSV, Markdown) and plots.
+
+    scalegrad-report RUN_DIR [RUN_DIR ...] [--names N ...] \\
+        [--train-dirs DIR ...] [--output-dir OUT] [--format text|csv|markdown]
+    scalegrad-report --eval-dirs DIR [DIR ...] [--model-names NAME ...]
+
+Each RUN_DIR holds the JSON results of ``scalegrad-run-gpt2 --mode eval-*`` (or
+``scalegrad-evaluate-fairseq --result-format gpt2``); one row per run and decoding
+setting. ``--eval-dirs`` reads the files of ``scalegrad-evaluate-fairseq`` (the
+original evaluation script's completions_, single_token_predictions_, targets_ and
+metrics_ files) as the original report script did, for each of
+``--model-names`` (default: every model found). Both can be given together. With
+``--output-dir`` it writes ``report.md``, ``report.csv`` and the plots
+``seq_rep_vs_ppl.png`` and (with ``--train-dirs``) ``validation_ppl.png``.
+(``python scripts/report_metrics.py`` is the same command.)
+"""
+
+
+def report_main(argv=None) -> int:
+    """``scalegrad-report``: 0, or 2 with one ``error:`` line."""
+    configure_logging(logging.WARNING)
+    parser = argparse.ArgumentParser(description=REPORT_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="*", help="directories with run_gpt2.py result JSON files")
+    parser.add_argument("--eval-dirs", nargs="+", default=[],
+                        help="directories with evaluate_fairseq.py's files (the original's names)")
+    parser.add_argument("--model-names", nargs="+", default=None,
+                        help="models to report from --eval-dirs (files *__NAME*__spl_*__*; "
+                             "default: every model found)")
+    parser.add_argument("--names", nargs="+", help="row names, one per RUN_DIR (default: folder names)")
+    parser.add_argument("--train-dirs", nargs="+", help="training output directories (validation curves)")
+    parser.add_argument("--train-names", nargs="+", help="curve names, one per --train-dirs entry")
+    parser.add_argument("--format", choices=["text", "csv", "markdown"], default="text")
+    parser.add_argument("--view", choices=["bpe", "word"], default="bpe",
+                        help="seq-rep-N over BPE tokens (default, as the original report) or words")
+    parser.add_argument("--no-human", action="store_true", help="leave out the human reference row")
+    parser.add_argument("--output-dir", help="also write report.md, report.csv and plots here")
+    args = parser.parse_args(argv)
+    try:
+        if not args.run_dirs and not args.eval_dirs:
+            raise UserError("give RUN_DIRs (run_gpt2.py results) and/or --eval-dirs "
+                            "(evaluate_fairseq.py results)")
+        rows = []
+        if args.run_dirs:
+            rows += collect_rows(args.run_dirs, args.names, view=args.view, human=not args.no_human)
+        if args.eval_dirs:
+            rows += collect_original_rows(args.eval_dirs, args.model_names, human=not args.no_human)
+        print(render(rows, args.format), end="")
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            for name, fmt in (("report.md", "markdown"), ("report.csv", "csv")):
+                with atomic_path(os.path.join(args.output_dir, name)) as tmp:
+                    tmp.write_text(render(rows, fmt))
+            written = [os.path.join(args.output_dir, n) for n in ("report.md", "report.csv")]
+            written.append(str(plot_seq_rep_vs_ppl(rows, os.path.join(args.output_dir, "seq_rep_vs_ppl.png"))))
+            if args.train_dirs:
+                names = args.train_names or [os.path.basename(os.path.normpath(d)) for d in args.train_dirs]
+                if len(names) != len(args.train_dirs):
+                    raise UserError("--train-names needs one name per --train-dirs entry")
+                written.append(str(plot_validation_curves(
+                    args.train_dirs, names, os.path.join(args.output_dir, "validation_ppl.png"))))
+            print("written: " + ", ".join(written))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
