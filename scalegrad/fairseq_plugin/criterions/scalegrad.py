@@ -138,14 +138,7 @@ class ScaleGradCriterion(FairseqCriterion):
         )
         with torch.no_grad():
             nll_loss = self.nll(scores, target)
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll_loss,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-        }
+        sample_size, logging_output = self._counts(sample, loss, nll_loss)
         logging_output.update(
             token_metrics_logging(
                 scores, target, self.padding_idx,
@@ -173,14 +166,7 @@ class ScaleGradCriterion(FairseqCriterion):
         valid = target != self.padding_idx
         keep = valid.reshape(-1)
         nll_loss = stats["nll"].masked_fill(~keep, 0.0).sum()
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll_loss,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-        }
+        sample_size, logging_output = self._counts(sample, loss, nll_loss)
         # As token_metrics_logging: the batch as one flat sequence, padding left out.
         metrics_output = {key: 0.0 for key in TOKEN_METRIC_KEYS}
         if compute and bool(keep.any()):
@@ -189,6 +175,17 @@ class ScaleGradCriterion(FairseqCriterion):
             metrics_output[MEDIAN_COUNT] = 1.0
         logging_output.update(metrics_output)
         return loss, sample_size, logging_output
+
+    def _counts(self, sample, loss, nll_loss):
+        """``(sample_size, logging_output)`` with the loss, the NLL and the batch's counts."""
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        return sample_size, {
+            "loss": loss.data,
+            "nll_loss": nll_loss,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
 
     def nll(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Summed natural-log NLL of the targets under softmax(scores)."""
