@@ -16,7 +16,7 @@ from . import data, tokenization
 from .errors import UserError
 from .io import atomic_path
 from .report import (collect_original_rows, collect_rows, plot_seq_rep_vs_ppl,
-                     plot_validation_curves, render)
+                     plot_validation_curves, render, rep_ppl_points, validation_curve)
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 
@@ -188,6 +188,17 @@ def report_main(argv=None) -> int:
             rows += collect_rows(args.run_dirs, args.names, view=args.view, human=not args.no_human)
         if args.eval_dirs:
             rows += collect_original_rows(args.eval_dirs, args.model_names, human=not args.no_human)
+        if args.output_dir:
+            # Every mistake found before anything is printed or written.
+            if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+                raise UserError(f"--output-dir {args.output_dir} is a file, not a folder")
+            if args.train_dirs and args.train_names and len(args.train_names) != len(args.train_dirs):
+                raise UserError("--train-names needs one name per --train-dirs entry")
+            if not rep_ppl_points(rows):
+                raise UserError("no run has both a perplexity and a seq-rep-4 to plot")
+            if args.train_dirs and not any(validation_curve(d) for d in args.train_dirs):
+                raise UserError("no validation results (singletoken__*_{step}.json) in the "
+                                "training directories")
         print(render(rows, args.format), end="")
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)

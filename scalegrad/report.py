@@ -362,6 +362,12 @@ def plot_validation_curves(train_dirs, names, out_path) -> Path:
     return Path(out_path)
 
 
+def rep_ppl_points(rows: list[Row]) -> list[tuple]:
+    """``(ppl, seq-rep-4, label)`` of every row that has both."""
+    return [(r.values["ppl"], r.values["seq-rep-4"], f"{r.run} ({r.decoding})") for r in rows
+            if r.values.get("ppl") is not None and r.values.get("seq-rep-4") is not None]
+
+
 def plot_seq_rep_vs_ppl(rows: list[Row], out_path) -> Path:
     """seq-rep-4 against perplexity, one point per run and decoding (PNG)."""
     import matplotlib
@@ -371,8 +377,7 @@ def plot_seq_rep_vs_ppl(rows: list[Row], out_path) -> Path:
 
     from .io import atomic_path
 
-    points = [(r.values["ppl"], r.values["seq-rep-4"], f"{r.run} ({r.decoding})") for r in rows
-              if r.values.get("ppl") is not None and r.values.get("seq-rep-4") is not None]
+    points = rep_ppl_points(rows)
     if not points:
         raise UserError("no run has both a perplexity and a seq-rep-4 to plot")
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -136,3 +136,26 @@ def test_original_files_errors_and_cli(tmp_path):
     assert proc.returncode == 2 and "no evaluation files of model 'nope'" in proc.stderr
     proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: give RUN_DIRs")
+
+
+@pytest.mark.parametrize("case", ["train-names", "no-plot", "no-curves", "file"])
+def test_cli_output_dir_mistake_writes_nothing(tmp_path, case):
+    """A mistake found while writing --output-dir is one error line with nothing written."""
+    run = _run_dir(tmp_path, "mle", 25.0, 0.43, 10600, steps=[(10, 50.0)])
+    out = tmp_path / "report"
+    extra = {"train-names": ["--train-dirs", str(run), "--train-names", "a", "b"],
+             "no-plot": [], "no-curves": ["--train-dirs", str(tmp_path / "empty")],
+             "file": []}[case]
+    if case == "no-plot":  # single-token results only: nothing to plot seq-rep-4 against
+        (run / "completion__gpt2__spl_test__topk_1__topp_0.0__pfl_50__cnl_100.json").unlink()
+    if case == "file":
+        out.write_text("x")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "report_metrics.py"), str(run),
+                           "--output-dir", str(out), *extra], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stdout == ""
+    if case == "file":
+        assert out.read_text() == "x"
+    else:
+        assert not out.exists()
