@@ -7,6 +7,7 @@ its config as plain containers, so nothing else is needed, and a crafted pickle
 is refused.
 """
 
+import argparse
 import json
 import os
 import warnings
@@ -49,6 +50,10 @@ def read_checkpoint(path) -> dict:
         raise UserError(f"checkpoint {path} cannot be read: {first}") from None
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("cfg"), dict):
         raise UserError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' entries)")
+    # fairseq records the config of an argparse-registered architecture (fconv_lm,
+    # transformer, ...) as an argparse.Namespace: read it as the dict it holds.
+    state["cfg"] = {key: vars(value) if isinstance(value, argparse.Namespace) else value
+                    for key, value in state["cfg"].items()}
     return state
 
 

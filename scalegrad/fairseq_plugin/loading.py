@@ -64,7 +64,9 @@ class LoadedModel:
         positions = self.model.max_positions()
         if isinstance(positions, tuple):
             positions = positions[0]
-        return int(positions) if positions is not None else None
+        if positions is None or positions == float("inf"):  # no limit (fconv_lm, lstm_lm: inf)
+            return None
+        return int(positions)
 
     def positions_are_sinusoidal(self) -> bool:
         from fairseq.modules import SinusoidalPositionalEmbedding
