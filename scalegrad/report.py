@@ -222,7 +222,8 @@ def collect_original_rows(eval_dirs, model_names=None, *, human: bool = True) ->
             raise UserError(f"evaluation directory {directory} does not exist")
     files = [path for directory in eval_dirs for path in sorted(directory.glob("*__*__spl_*__*"))
              if ORIGINAL_KINDS.get(parse_original_name(path.name)[0]) == path.suffix]
-    if model_names is None:
+    every_model = model_names is None
+    if every_model:
         model_names = sorted({parse_original_name(path.name)[1] for path in files})
     rows: list[Row] = []
     human_rows: dict[str, Row] = {}
@@ -232,6 +233,8 @@ def collect_original_rows(eval_dirs, model_names=None, *, human: bool = True) ->
             if not path.match(f"*__{name}*__spl_*__*"):
                 continue
             kind, model, settings = parse_original_name(path.name)
+            if every_model and model != name:  # "sg" must not take in the files of "sg0.2" too
+                continue
             key = tuple(sorted({**settings, "model_name": model}.items(), key=lambda kv: kv[0]))
             merged.setdefault(key, {}).update(original_file_metrics(path, kind, settings))
         if not merged:

@@ -159,3 +159,20 @@ def test_cli_output_dir_mistake_writes_nothing(tmp_path, case):
         assert out.read_text() == "x"
     else:
         assert not out.exists()
+
+
+def test_original_default_models_one_row_each_when_a_name_prefixes_another(tmp_path):
+    """Without --model-names every model found is reported once, even when one model's
+    name begins with another's (the glob *__sg*__ also matches sg0.2's files)."""
+    from scalegrad.report import collect_original_rows
+
+    _original_files(tmp_path / "eval")
+    for path in list((tmp_path / "eval").glob("*_sg__st_*")):
+        path.with_name(path.name.replace("_sg__", "_sg0.2__")).write_text(path.read_text())
+    rows = collect_original_rows([tmp_path / "eval"])
+    assert [(r.run, r.model) for r in rows] == [("sg", "sg (step 40)"), ("sg0.2", "sg0.2 (step 40)"),
+                                                ("human", "-")]
+    # Named explicitly, a name keeps the original report's glob (a prefix takes in both).
+    rows = collect_original_rows([tmp_path / "eval"], ["sg"])
+    assert sorted((r.run, r.model) for r in rows) == [("human", "-"), ("sg", "sg (step 40)"),
+                                                      ("sg", "sg0.2 (step 40)")]
