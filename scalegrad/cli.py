@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import data, tokenization
-from .errors import UserError
+from .errors import UserError, reports_user_errors
 from .io import atomic_path
 from .report import (collect_original_rows, collect_rows, plot_seq_rep_vs_ppl,
                      plot_validation_curves, render, rep_ppl_points, validation_curve)
@@ -125,15 +125,12 @@ def prepare_data(args: argparse.Namespace) -> None:
               f"(fairseq index = token id + {data.FAIRSEQ_NUM_SPECIAL})")
 
 
+@reports_user_errors
 def prepare_data_main(argv=None) -> int:
     """``scalegrad-prepare-data``: 0, or 2 with one ``error:`` line."""
     configure_logging(logging.WARNING)
     args = prepare_data_parse_args(argv)
-    try:
-        prepare_data(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    prepare_data(args)
     return 0
 
 
@@ -159,6 +156,7 @@ metrics_ files) as the original report script did, for each of
 """
 
 
+@reports_user_errors
 def report_main(argv=None) -> int:
     """``scalegrad-report``: 0, or 2 with one ``error:`` line."""
     configure_logging(logging.WARNING)
@@ -179,43 +177,37 @@ def report_main(argv=None) -> int:
     parser.add_argument("--no-human", action="store_true", help="leave out the human reference row")
     parser.add_argument("--output-dir", help="also write report.md, report.csv and plots here")
     args = parser.parse_args(argv)
-    try:
-        if not args.run_dirs and not args.eval_dirs:
-            raise UserError("give RUN_DIRs (run_gpt2.py results) and/or --eval-dirs "
-                            "(evaluate_fairseq.py results)")
-        rows = []
-        if args.run_dirs:
-            rows += collect_rows(args.run_dirs, args.names, view=args.view, human=not args.no_human)
-        if args.eval_dirs:
-            rows += collect_original_rows(args.eval_dirs, args.model_names, human=not args.no_human)
-        if args.output_dir:
-            # Every mistake found before anything is printed or written.
-            if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-                raise UserError(f"--output-dir {args.output_dir} is a file, not a folder")
-            if args.train_dirs and args.train_names and len(args.train_names) != len(args.train_dirs):
-                raise UserError("--train-names needs one name per --train-dirs entry")
-            if not rep_ppl_points(rows):
-                raise UserError("no run has both a perplexity and a seq-rep-4 to plot")
-            if args.train_dirs and not any(validation_curve(d) for d in args.train_dirs):
-                raise UserError("no validation results (singletoken__*_{step}.json) in the "
-                                "training directories")
-        print(render(rows, args.format), end="")
-        if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            for name, fmt in (("report.md", "markdown"), ("report.csv", "csv")):
-                with atomic_path(os.path.join(args.output_dir, name)) as tmp:
-                    tmp.write_text(render(rows, fmt))
-            written = [os.path.join(args.output_dir, n) for n in ("report.md", "report.csv")]
-            written.append(str(plot_seq_rep_vs_ppl(rows, os.path.join(args.output_dir, "seq_rep_vs_ppl.png"))))
-            if args.train_dirs:
-                names = args.train_names or [os.path.basename(os.path.normpath(d)) for d in args.train_dirs]
-                if len(names) != len(args.train_dirs):
-                    raise UserError("--train-names needs one name per --train-dirs entry")
-                written.append(str(plot_validation_curves(
-                    args.train_dirs, names, os.path.join(args.output_dir, "validation_ppl.png"))))
-            print("written: " + ", ".join(written))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not args.run_dirs and not args.eval_dirs:
+        raise UserError("give RUN_DIRs (run_gpt2.py results) and/or --eval-dirs "
+                        "(evaluate_fairseq.py results)")
+    rows = []
+    if args.run_dirs:
+        rows += collect_rows(args.run_dirs, args.names, view=args.view, human=not args.no_human)
+    if args.eval_dirs:
+        rows += collect_original_rows(args.eval_dirs, args.model_names, human=not args.no_human)
+    if args.output_dir:
+        # Every mistake found before anything is printed or written.
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            raise UserError(f"--output-dir {args.output_dir} is a file, not a folder")
+        if args.train_dirs and args.train_names and len(args.train_names) != len(args.train_dirs):
+            raise UserError("--train-names needs one name per --train-dirs entry")
+        if not rep_ppl_points(rows):
+            raise UserError("no run has both a perplexity and a seq-rep-4 to plot")
+        if args.train_dirs and not any(validation_curve(d) for d in args.train_dirs):
+            raise UserError("no validation results (singletoken__*_{step}.json) in the "
+                            "training directories")
+    print(render(rows, args.format), end="")
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for name, fmt in (("report.md", "markdown"), ("report.csv", "csv")):
+            with atomic_path(os.path.join(args.output_dir, name)) as tmp:
+                tmp.write_text(render(rows, fmt))
+        written = [os.path.join(args.output_dir, n) for n in ("report.md", "report.csv")]
+        written.append(str(plot_seq_rep_vs_ppl(rows, os.path.join(args.output_dir, "seq_rep_vs_ppl.png"))))
+        if args.train_dirs:
+            names = args.train_names or [os.path.basename(os.path.normpath(d)) for d in args.train_dirs]
+            written.append(str(plot_validation_curves(
+                args.train_dirs, names, os.path.join(args.output_dir, "validation_ppl.png"))))
+        print("written: " + ", ".join(written))
     return 0
 

@@ -13,14 +13,13 @@ import argparse
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..cli import configure_logging
-from ..errors import UserError
+from ..errors import UserError, reports_user_errors
 from .checkpoints import find_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -249,19 +248,13 @@ def run_evaluation(args) -> list[str]:
     return written
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     """``evaluate_fairseq.py`` (``scalegrad-evaluate-fairseq``): 0 on success, 2 with one
     ``error:`` line on a user's mistake."""
     configure_logging(logging.INFO)
-    try:
-        args = parse_args(argv)
-        written = run_evaluation(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    args = parse_args(argv)
+    written = run_evaluation(args)
     for path in written:
         print(f"written: {path}")
     return 0

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from ..cli import configure_logging
-from ..errors import UserError
+from ..errors import reports_user_errors
 from .checkpoints import export_to_hf
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     """``scalegrad-export-hf``: 0, or 2 with one ``error:`` line."""
     configure_logging(logging.WARNING)
@@ -34,12 +34,8 @@ def main(argv=None) -> int:
                              "the one the checkpoint was trained with")
     parser.add_argument("--no-tokenizer", action="store_true", help="save the model only")
     args = parser.parse_args(argv)
-    try:
-        path = export_to_hf(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
-                            save_tokenizer=not args.no_tokenizer)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = export_to_hf(args.checkpoint, args.output_dir, tokenizer=args.tokenizer,
+                        save_tokenizer=not args.no_tokenizer)
     print(f"written: {path}")
     return 0
 

@@ -58,7 +58,7 @@ if __name__ == "__main__" and not __package__:  # python .../gpt2/run_gpt2.py
 
 import json  # noqa: E402
 
-from ..errors import UserError  # noqa: E402
+from ..errors import reports_user_errors  # noqa: E402
 from .driver import run  # noqa: E402
 from .options import parse_args  # noqa: E402
 
@@ -87,17 +87,11 @@ def print_result(result, out=None) -> None:
     out.flush()
 
 
+@reports_user_errors
 def main(argv=None) -> int:
     """The ``run_gpt2.py`` command line; returns the exit status (2: a user error,
     reported in one ``error: ...`` line on standard error)."""
-    try:
-        result = run(parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    result = run(parse_args(argv))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
         print_result(result)
     if result.resume_hint:
