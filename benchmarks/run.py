@@ -422,6 +422,20 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
+def write_results(results: dict, out_dir: Path, name: str, render) -> None:
+    """``{out_dir}/{name}.json`` and ``.md`` (``render(results)``), each written atomically;
+    the Markdown also printed."""
+    from scalegrad.io import atomic_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
+    with atomic_path(out_dir / f"{name}.md") as tmp:
+        tmp.write_text(render(results))
+    print(render(results))
+    print(f"results written to {out_dir / name}.json and .md")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -502,15 +516,7 @@ def main(argv=None):
         name = "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     else:
         name = "cpu"
-    from scalegrad.io import atomic_path
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
-    with atomic_path(out_dir / f"{name}.md") as tmp:
-        tmp.write_text(markdown(results))
-    print(markdown(results))
-    print(f"results written to {out_dir / name}.json and .md")
+    write_results(results, out_dir, name, markdown)
     return 0
 
 

@@ -20,7 +20,6 @@ Liger-Kernel's; its peak memory is at most the torch path's.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from run import gpt2_model, peak_memory_cuda, timed  # noqa: E402  (benchmarks/run.py)
+from run import gpt2_model, peak_memory_cuda, timed, write_results  # noqa: E402  (benchmarks/run.py)
 
 from scalegrad.fused import fused_linear_scalegrad_loss  # noqa: E402
 from scalegrad.losses import scalegrad_loss  # noqa: E402
@@ -328,16 +327,7 @@ def main(argv=None):
     name = args.name or ("cpu-triton-interpreter" if device.type == "cpu" else
                          "cuda-" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
                          + ("-triton-quick" if args.quick else "-triton"))
-    from scalegrad.io import atomic_path
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
-    with atomic_path(out_dir / f"{name}.md") as tmp:
-        tmp.write_text(markdown(results))
-    print(markdown(results))
-    print(f"results written to {out_dir / name}.json and .md")
+    write_results(results, Path(args.out_dir), name, markdown)
     return 1 if any(not r["ok"] for r in results.get("check", [])) else 0
 
 
