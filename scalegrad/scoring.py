@@ -224,7 +224,8 @@ def _finite(value):
 def _fmt(value, std=None) -> str:
     if value is None:
         return "-"
-    text = str(value) if isinstance(value, int) else f"{value:.3f}"
+    whole = isinstance(value, int) or float(value).is_integer()
+    text = str(int(value)) if whole else f"{value:.3f}"
     return text if std is None else f"{text} +- {std:.3f}"
 
 
