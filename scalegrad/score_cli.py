@@ -28,7 +28,8 @@ Input files (aligned line by line: line i of each is prefix i):
            (reference files); a generations line may also carry its "prefix" and
            "reference", and several samples as a list under "continuations"
   *.json   (--generations only) a driver's completion__*.json result file with
-           "continuations", "prefixes" and "references"
+           "continuations", "prefixes" and "references" (one with only "completions",
+           as written before, is split with --tokenizer: see docs/metrics-2022.md)
 Each --generations file (or each entry of a "continuations" list) is one sample set:
 with several, every metric is the mean +- std over them. MAUVE needs --references and
 the eval extra (pip install "scalegrad[eval]"); coherence needs --prefixes. Models are
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--references", metavar="FILE",
                         help="the human continuations (.txt or .jsonl)")
     parser.add_argument("--output", metavar="OUT.json", help="write the scores here (JSON)")
+    parser.add_argument("--tokenizer", metavar="TOKENIZER",
+                        help="the run's tokenizer (name or folder), to split the completions of "
+                             "result files that have no continuations")
     parser.add_argument("--format", choices=["text", "markdown"], default="text",
                         help="the table on standard output (default: text)")
     parser.add_argument("--count-last-ngram", action="store_true",
@@ -101,7 +105,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     options = options_from_args(args)
     result = score_files(args.generations, args.output, prefixes=args.prefixes,
-                         references=args.references, options=options)
+                         references=args.references, options=options,
+                         tokenizer=args.tokenizer)
     print(render_scores(result, args.format), end="")
     if args.output:
         print(f"written: {args.output}")

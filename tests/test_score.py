@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scalegrad.metrics import CompletionMetrics
+from scalegrad.metrics import CompletionMetrics, continuation_text
 from scalegrad.model_metrics import logprob_coherence, mauve_score
 from scalegrad.score_cli import main
 from scalegrad.text_metrics import rep_n_and_diversity, score_texts
@@ -54,16 +54,18 @@ def test_one_text_per_line(tmp_path, capsys):
     assert row.split()[1] == f"{result['metrics']['rep-2']:.3f}"
 
 
-def test_scorer_equals_the_drivers_and_reads_result_files(tmp_path, capsys, tiny_tokenizer):
-    """Continuations decoded from ids: the scorer's seq-rep-N / uniq-seq are the drivers'
-    CompletionMetrics numbers; a completion result file with continuations, prefixes
-    and references scores as the three text files do."""
-    prefix_ids = tiny_tokenizer(" The prefix.", add_special_tokens=False)["input_ids"]
+def test_scorer_equals_the_drivers_and_reads_result_files(tmp_path, capsys, caplog,
+                                                          tiny_tokenizer, tiny_tokenizer_dir):
+    """Continuations as the drivers extract them (metrics.continuation_text): the
+    scorer's seq-rep-N / uniq-seq are the drivers' CompletionMetrics numbers; a
+    completion result file with continuations, prefixes and references scores as the
+    three text files do; one with only completions, split with --tokenizer, too."""
+    prefix_ids = tiny_tokenizer(" The prefix", add_special_tokens=False)["input_ids"][:3]
     completions, continuations = [], []
     for text in one_line_texts(21):
         ids = tiny_tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         completions.append(prefix_ids + ids)
-        continuations.append(tiny_tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+        continuations.append(continuation_text(tiny_tokenizer, prefix_ids + ids, len(prefix_ids)))
     driver = CompletionMetrics(tiny_tokenizer, len(prefix_ids))
     driver.update(completions)
     report = driver.report("valid")
@@ -87,6 +89,17 @@ def test_scorer_equals_the_drivers_and_reads_result_files(tmp_path, capsys, tiny
     assert code == 0, err
     b = json.loads((tmp_path / "b.json").read_text())
     assert (b["metrics"], b["human"]) == (a["metrics"], a["human"])
+    old = tmp_path / "completion__tiny__spl_valid__topk_1__topp_0.0__pfl_3__cnl_99.json"
+    old.write_text(json.dumps({"completions": report["completions"], "uniq": report["uniq"]}))
+    assert len(prefix_ids) == 3
+    code, _, err = run(capsys, "--generations", old, "--tokenizer", tiny_tokenizer_dir,
+                       "--output", tmp_path / "c.json")
+    assert code == 0, err
+    assert "re-encoded" in caplog.text  # the warning
+    c = json.loads((tmp_path / "c.json").read_text())
+    for n in range(1, 5):
+        assert c["metrics"][f"seq-rep-{n}"] == a["metrics"][f"seq-rep-{n}"]
+    assert c["metrics"]["rep-4"] == a["metrics"]["rep-4"]
 
 
 def test_several_samples_files_and_jsonl_agree(tmp_path, capsys):
@@ -163,6 +176,9 @@ def test_bad_inputs(tmp_path, capsys, featurizer_dir, monkeypatch):
     old = tmp_path / "completion__m__spl_valid__topk_1__topp_0.0__pfl_5__cnl_5.json"
     old.write_text(json.dumps({"completions": ["a b c"], "uniq": 3}))
     assert "only whole completions" in bad(capsys, tmp_path, "--generations", old)
+    assert "names no prefix length" in bad(capsys, tmp_path, "--generations",
+                                           write_lines(tmp_path / "x.json", ['{"completions": []}']),
+                                           "--tokenizer", featurizer_dir)
     monkeypatch.setitem(sys.modules, "mauve", None)
     err = bad(capsys, tmp_path, "--generations", gens, "--references", refs,
               "--featurizer", featurizer_dir)
