@@ -193,3 +193,27 @@ def test_the_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "o.json").read_text())["metrics"]["gen-length"] == \
         pytest.approx(sum(len(t.split()) for t in one_line_texts(8)) / 8)
+
+
+def test_the_flags_one_home_for_the_scorer_and_the_drivers(capsys):
+    """The drivers take the same group of flags (without the scorer's short aliases,
+    whose names they use for other things); a bad value fails before anything runs."""
+    import argparse
+
+    from scalegrad.errors import UserError
+    from scalegrad.text_metrics import add_text_metric_arguments, text_metric_options
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=1)  # a driver's own --seed stays its own
+    parser.add_argument("--batch-size", type=int, default=4)
+    add_text_metric_arguments(parser)
+    args = parser.parse_args(["--seed", "7", "--mauve-seed", "3", "--max-text-length", "64",
+                              "--coherence-model", "m", "--rep-n-unrounded"])
+    options = text_metric_options(args, device="cuda")
+    assert (args.seed, options.seed, options.max_text_length, options.round_digits,
+            options.coherence_model, options.device, options.batch_size) == \
+        (7, 3, 64, None, "m", "cuda", 8)
+    with pytest.raises(UserError, match="--max-text-length must be at least 1"):
+        text_metric_options(parser.parse_args(["--max-text-length", "0"]))
+    code = main(["--generations", "x.txt", "--batch-size", "0"])
+    assert code == 2 and "--metrics-batch-size must be at least 1" in capsys.readouterr().err
