@@ -4,8 +4,8 @@
     python tests/crash_worker.py PLAN.json
 
 ``PLAN.json``: ``{"root": DIR, "argv": [...], "targets": [[NAME, WRITER, OCCURRENCE,
-RERUN_FLAGS], ...]}``, where ``argv`` is a command line of ``run_gpt2.py`` without
-``--output-dir``. The driver is imported once; every run is a child process made with
+RERUN_FLAGS(, ARGV)], ...]}``, where ``argv`` (or a target's own ``ARGV``) is a command
+line of ``run_gpt2.py`` without ``--output-dir``. The driver is imported once; every run is a child process made with
 ``os.fork`` (a real process, as a subprocess of the command line, but without its
 start-up of several seconds), its output in ``ROOT/NAME/WHEN-K`` and its log beside.
 
@@ -15,8 +15,8 @@ driver: ``resume``, ``best``, ``result`` or ``eval-result``) has every
 makes counted, and the child ends with ``os._exit(137)`` just before call 1, then
 just after call K for K = 1, 2, ... until a child finishes without reaching K (so
 every step is covered). After each kill a second child runs ``argv + RERUN_FLAGS``
-(``--resume`` for training) with nothing patched. ``ROOT/reference`` is one run with
-nothing patched and never killed. ``ROOT/result.json`` lists every run: its exit
+(``--resume`` for training) with nothing patched. ``ROOT/reference`` (``ROOT/reference-NAME`` for a
+target with its own ``ARGV``) is one run with nothing patched and never killed. ``ROOT/result.json`` lists every run: its exit
 statuses, and the file-system calls of the uninterrupted patched run.
 """
 
@@ -143,10 +143,14 @@ def warm_up(argv: list) -> None:
 
 
 def run_plan(plan: dict) -> dict:
-    root, argv = Path(plan["root"]), plan["argv"]
-    warm_up(argv)
-    result = {"reference": in_child(root / "reference", argv)[0], "targets": {}}
-    for name, writer, occurrence, rerun_flags in plan["targets"]:
+    root = Path(plan["root"])
+    warm_up(plan["argv"])
+    result = {"reference": {}, "targets": {}}
+    for name, writer, occurrence, rerun_flags, *own_argv in plan["targets"]:
+        argv = own_argv[0] if own_argv else plan["argv"]
+        reference = "reference" if not own_argv else f"reference-{name}"
+        if reference not in result["reference"]:
+            result["reference"][reference] = in_child(root / reference, argv)[0]
         runs, calls = [], None
         points = [("before", 1)] + [("after", k) for k in range(1, MAX_STEPS + 1)]
         for when, k in points:
