@@ -147,3 +147,20 @@ def test_every_kill_point_of_a_result_file_write(crashes):
                 assert not leftovers(out), leftovers(out)
         crashed_tree = target["runs"][0]["crashed"]["tree"]
         assert any(LEFTOVER.match(Path(p).name) for p in crashed_tree)  # the kill left one ...
+
+
+def test_a_model_folder_whose_swap_was_interrupted_is_read_from_its_complete_copy(
+        tiny_model_dir, tmp_path, caplog):
+    """State after step 2 of a folder write: no ``best/``, its new copy in ``.best.new-*``."""
+    import shutil
+
+    from scalegrad.gpt2.runtime import load_model
+
+    shutil.copytree(tiny_model_dir, tmp_path / ".best.new-00000000000000000002-bbbbbb")
+    (tmp_path / ".best.old-00000000000000000002-bbbbbb").mkdir()
+    with caplog.at_level("WARNING"):
+        model = load_model(str(tmp_path / "best"), flag="--model-load-dir")
+    assert "reading the complete copy" in caplog.text and ".best.new-" in caplog.text
+    assert model.config.vocab_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".best.new-00000000000000000002-bbbbbb", ".best.old-00000000000000000002-bbbbbb"]
