@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "scalegrad_loss": ".losses",
     "check_gamma": ".losses",
+    "GammaAboveOneWarning": ".losses",
     "fused_linear_scalegrad_loss": ".fused",
     "ScaleGradLoss": ".hf_trainer",
     "scalegrad_trainer": ".hf_trainer",

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from . import data, tokenization
 from .errors import UserError, reports_user_errors
-from .io import atomic_path
+from .io import atomic_path, check_folder_path, make_folder
 from .report import (collect_original_rows, collect_rows, plot_seq_rep_vs_ppl,
                      plot_validation_curves, render, rep_ppl_points, validation_curve)
 from .report_2022 import diversity_mauve_points, plot_diversity_vs_mauve
@@ -88,8 +90,9 @@ def prepare_data(args: argparse.Namespace) -> None:
     if args.fairseq_ids_per_line < 1:
         raise UserError(f"--fairseq-ids-per-line must be at least 1, got {args.fairseq_ids_per_line}")
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output-dir {output_dir} exists and is not a folder")
+    check_folder_path(output_dir, "--output-dir")
+    if args.fairseq_data_bin:
+        check_folder_path(args.fairseq_data_bin, "--fairseq-data-bin")
 
     text = data.read_text_inputs(args.input) if args.input else data.default_corpus_text()
     texts = data.split_corpus(text, args.valid_fraction, args.test_fraction)
@@ -105,18 +108,25 @@ def prepare_data(args: argparse.Namespace) -> None:
             print(f"warning: {exc}", file=sys.stderr)
             print(f"warning: training a byte-level BPE on the training split instead "
                   f"(saved under {tokenizer_dir})", file=sys.stderr)
-    if tokenizer is None:
-        tokenizer = tokenization.train_bpe_tokenizer(texts["train"], args.vocab_size, tokenizer_dir)
-        tokenizer_source = str(tokenizer_dir)
-    else:
-        tokenizer_source = args.tokenizer
-
-    splits = tokenization.tokenize_splits(tokenizer, texts)
-    vocab_size = len(tokenizer)
-    paths = data.save_splits(splits, output_dir)
-    if args.fairseq_data_bin:
-        data.write_fairseq_data_bin(splits, args.fairseq_data_bin, vocab_size=vocab_size,
-                                    ids_per_line=args.fairseq_ids_per_line)
+    with tempfile.TemporaryDirectory(prefix="scalegrad-tokenizer-") as scratch:
+        trained = None
+        if tokenizer is None:  # trained aside, put in place with the other files
+            trained = Path(scratch) / "tokenizer"
+            tokenizer = tokenization.train_bpe_tokenizer(texts["train"], args.vocab_size, trained)
+            tokenizer_source = str(tokenizer_dir)
+        else:
+            tokenizer_source = args.tokenizer
+        splits = tokenization.tokenize_splits(tokenizer, texts)
+        vocab_size = len(tokenizer)
+        # Everything is computed; the writes, each atomic, the likeliest to fail first.
+        if args.fairseq_data_bin:
+            data.write_fairseq_data_bin(splits, args.fairseq_data_bin, vocab_size=vocab_size,
+                                        ids_per_line=args.fairseq_ids_per_line)
+        make_folder(output_dir, "--output-dir")
+        paths = data.save_splits(splits, output_dir)
+        if trained is not None:
+            with atomic_path(tokenizer_dir, is_dir=True) as tmp:
+                shutil.copytree(trained, tmp, dirs_exist_ok=True)
 
     for split in data.SPLITS:
         print(f"{split}: {splits[split].numel()} tokens -> {paths[split]}")
@@ -184,6 +194,11 @@ def report_main(argv=None) -> int:
     if not args.run_dirs and not args.eval_dirs:
         raise UserError("give RUN_DIRs (run_gpt2.py results) and/or --eval-dirs "
                         "(evaluate_fairseq.py results)")
+    if args.train_names and len(args.train_names) != len(args.train_dirs or []):
+        raise UserError(f"--train-names gives {len(args.train_names)} names for "
+                        f"{len(args.train_dirs or [])} --train-dirs entries; give one per entry")
+    if args.output_dir:
+        check_folder_path(args.output_dir, "--output-dir")
     rows = []
     if args.run_dirs:
         rows += collect_rows(args.run_dirs, args.names, view=args.view, human=not args.no_human)
@@ -191,10 +206,6 @@ def report_main(argv=None) -> int:
         rows += collect_original_rows(args.eval_dirs, args.model_names, human=not args.no_human)
     if args.output_dir:
         # Every mistake found before anything is printed or written.
-        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-            raise UserError(f"--output-dir {args.output_dir} is a file, not a folder")
-        if args.train_dirs and args.train_names and len(args.train_names) != len(args.train_dirs):
-            raise UserError("--train-names needs one name per --train-dirs entry")
         if not rep_ppl_points(rows):
             raise UserError("no run has both a perplexity and a seq-rep-4 to plot")
         if args.train_dirs and not any(validation_curve(d) for d in args.train_dirs):
@@ -202,7 +213,7 @@ def report_main(argv=None) -> int:
                             "training directories")
     print(render(rows, args.format), end="")
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+        make_folder(args.output_dir, "--output-dir")
         for name, fmt in (("report.md", "markdown"), ("report.csv", "csv")):
             with atomic_path(os.path.join(args.output_dir, name)) as tmp:
                 tmp.write_text(render(rows, fmt))

@@ -22,14 +22,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from .errors import UserError
-from .io import atomic_path
+from .io import atomic_path, load_plain_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +59,9 @@ def load_split(path: str | os.PathLike, *, vocab_size: int | None = None) -> tor
     if not path.is_file():
         raise UserError(f"token file {path} is not a file ({fix})")
     try:
-        with warnings.catch_warnings():  # a plain pickle's protocol warning precedes our error
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for refused pickles, RuntimeError for junk
-        reason = _first_line(str(exc)) or type(exc).__name__
-        if "weights only load failed" in reason.lower() or "weights_only" in reason:
-            reason = "it holds objects other than plain tensors, which are refused for safety"
-        else:
-            reason = f"not a file written by torch.save? ({reason})"
-        raise UserError(f"token file {path} cannot be loaded as a tensor: {reason} ({fix})") from None
+        obj = load_plain_torch_file(path)
+    except UserError as exc:
+        raise UserError(f"token file {path} cannot be loaded as a tensor: {exc} ({fix})") from None
     if not isinstance(obj, torch.Tensor):
         raise UserError(f"token file {path} holds a {type(obj).__name__}, "
                         f"not a 1-D tensor of token ids ({fix})")
@@ -339,10 +331,6 @@ def _fairseq_preprocess_command() -> list[str]:
     if beside.is_file() and os.access(beside, os.X_OK):
         return [str(beside)]
     return [sys.executable, "-m", "fairseq_cli.preprocess"]
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _last_line(text: str) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .losses import (
     check_gamma, novelty_masks, scalegrad_logit_grad_, scalegrad_terms, split_ignored, use_triton,
 )
+from .arguments import require_tensor
 from .metrics import token_statistics
 
 __all__ = ["fused_linear_scalegrad_loss", "chunked_logit_statistics"]
@@ -214,6 +215,9 @@ def fused_linear_scalegrad_loss(
     from one launch of the kernels of :mod:`scalegrad.triton_scalegrad`.
     """
     gamma = check_gamma(gamma)
+    for value, name, shape in ((hidden, "hidden", "(batch, time, dim)"),
+                               (weight, "weight", "(vocab, dim)"), (target, "target", "(batch, time)")):
+        require_tensor(value, name, "fused_linear_scalegrad_loss", shape)
     if hidden.dim() != 3 or target.shape != hidden.shape[:2]:
         raise ValueError(
             f"expected hidden (batch, time, dim) and target (batch, time), got "

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .arguments import require_tensor
 from .losses import check_gamma, scalegrad_loss
 
 IGNORE_INDEX = -100
@@ -83,6 +84,7 @@ class ScaleGradLoss:
         if labels is None:
             raise ValueError("ScaleGradLoss needs labels in the batch (causal LMs: a copy of input_ids, "
                              "-100 where padded; encoder-decoder models: the target ids)")
+        require_tensor(labels, "labels", "ScaleGradLoss", "(batch, time)")
         logits = self._logits(outputs)
         shift = self.shift_labels
         if shift is None:

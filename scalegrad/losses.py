@@ -33,20 +33,28 @@ import functools
 import importlib
 import logging
 import math
+import warnings
 
 import torch
+
+from .arguments import require_tensor
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "scalegrad_loss", "check_gamma", "first_occurrence_mask", "novelty_masks",
+    "scalegrad_loss", "check_gamma", "GammaAboveOneWarning", "first_occurrence_mask", "novelty_masks",
     "scalegrad_terms", "scalegrad_logit_grad_", "split_ignored", "triton_available",
     "use_triton",
 ]
 
 
+class GammaAboveOneWarning(UserWarning):
+    """``gamma > 1``: the loss then penalises novel tokens instead of favouring them."""
+
+
 def check_gamma(gamma: float, *, name: str = "gamma") -> float:
-    """Validate ``gamma``: it must be a finite number > 0; > 1 only warns."""
+    """Validate ``gamma``: it must be a finite number > 0; > 1 only warns
+    (:class:`GammaAboveOneWarning`, through :mod:`warnings`, once per value)."""
     gamma = float(gamma)
     if not math.isfinite(gamma) or gamma <= 0:
         raise ValueError(
@@ -61,7 +69,8 @@ def check_gamma(gamma: float, *, name: str = "gamma") -> float:
 @functools.lru_cache(maxsize=None)
 def _warn_gamma_above_one(name: str, gamma: float) -> None:
     """Warn once per value, not at every training step."""
-    logger.warning("%s=%g > 1 penalises novel tokens instead of favouring them", name, gamma)
+    warnings.warn(f"{name}={gamma:g} > 1 penalises novel tokens instead of favouring them",
+                  GammaAboveOneWarning, stacklevel=4)
 
 
 def _earlier_occurrence(target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -274,6 +283,8 @@ def scalegrad_loss(
     novel).
     """
     gamma = check_gamma(gamma)
+    require_tensor(logits, "logits", "scalegrad_loss", "(batch, time, vocab)")
+    require_tensor(target, "target", "scalegrad_loss", "(batch, time)")
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     if logits.dim() != 3 or target.dim() != 2 or logits.shape[:2] != target.shape:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .arguments import require_tensor, token_sequence, token_sequences
+
 __all__ = [
     "REPEAT_CONTEXT_LENGTHS",
     "RANKING_METRIC_NAMES",
@@ -81,7 +83,8 @@ def repeat_at_1(logits: torch.Tensor, targets: torch.Tensor, context_length: int
     ``logits`` is ``(T, V)``, ``targets`` ``(T,)``. Equal to the original's
     ``(T, T)`` construction, with an ``(T, l)`` window instead.
     """
-    targets = targets.reshape(-1)
+    require_tensor(logits, "logits", "repeat_at_1", "(T, V)")
+    targets = require_tensor(targets, "targets", "repeat_at_1", "(T,)").reshape(-1)
     return tuple(int(c) for c in _repeat_counts(logits.argmax(dim=-1), targets, context_length))
 
 
@@ -101,7 +104,8 @@ def ranking_metrics(
     ``torch.median`` of those counts (the lower middle value for an even
     count); ``normalizer`` is ``ntokens`` (default ``T``).
     """
-    targets = targets.reshape(-1)
+    require_tensor(logits, "logits", "ranking_metrics", "(T, V)")
+    targets = require_tensor(targets, "targets", "ranking_metrics", "(T,)").reshape(-1)
     logits = logits.reshape(targets.numel(), -1)
     stats = token_statistics(logits, targets, nll=False)
     return ranking_metrics_from_ranks(stats["higher"], stats["predictions"], targets, ntokens=ntokens,
@@ -259,10 +263,14 @@ def ngram_metrics(token_list: Sequence, pad=1) -> dict:
     """``pct_repeat_{N}grams`` for N = 1..4 of one list: ``1 - distinct / all``
     N-grams, after cutting the list at the first ``pad``.
 
+    ``token_list`` is a list (or tuple) of token ids (or strings) or a 1-D tensor,
+    with the same numbers for both; anything else (a 2-D tensor, a list of lists)
+    is a ``ValueError`` (:func:`ngram_metric_sums` takes several sequences).
+
     Difference from the original: a list with no N-gram of some N (shorter
     than N) gets 0.0 for that N, where the original divided by zero.
     """
-    tokens = list(token_list)
+    tokens = token_sequence(token_list, "ngram_metrics")
     if pad in tokens:
         tokens = tokens[: tokens.index(pad)]
     stats = {}
@@ -275,8 +283,7 @@ def ngram_metrics(token_list: Sequence, pad=1) -> dict:
 def ngram_metric_sums(token_lists, pad=1) -> dict:
     """``pct_repeat_{N}grams`` for N = 1..4 summed over the lists (rows of a tensor,
     or lists of ids), each cut at its first ``pad``: :func:`ngram_metrics` per list."""
-    if isinstance(token_lists, torch.Tensor):
-        token_lists = token_lists.tolist()
+    token_lists = token_sequences(token_lists, "ngram_metric_sums")
     sums = {f"pct_repeat_{n}grams": 0.0 for n in range(1, 5)}
     for tokens in token_lists:
         for key, value in ngram_metrics(tokens, pad=pad).items():
@@ -292,8 +299,8 @@ class NgramMetrics:
         self._values: dict[str, list[float]] = defaultdict(list)
 
     def update(self, token_lists: Iterable[Sequence]) -> None:
-        if isinstance(token_lists, torch.Tensor):
-            token_lists = token_lists.tolist()
+        """Add sequences: the rows of a 2-D tensor, or a list of sequences."""
+        token_lists = token_sequences(token_lists, "NgramMetrics.update")
         for tokens in token_lists:
             for key, value in ngram_metrics(tokens, pad=self.pad).items():
                 self._values[key].append(value)
@@ -378,8 +385,9 @@ class CompletionMetrics:
         self.completions: list[str] = []
 
     def update(self, completions) -> None:
-        if isinstance(completions, torch.Tensor):
-            completions = completions.tolist()
+        """Add completions (prefix + continuation ids): the rows of a 2-D tensor, or a
+        list of sequences."""
+        completions = token_sequences(completions, "CompletionMetrics.update")
         word_lists = []
         for completion in completions:
             continuation = completion[self.prefix_length:]

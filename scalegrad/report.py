@@ -64,6 +64,18 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read result file {path}: {exc}") from None
 
 
+def _read_result(path: Path, *parts: str) -> dict:
+    """A result file whose ``parts`` are JSON objects (else one :class:`UserError`)."""
+    result = _read_json(path)
+    missing = [part for part in parts if not isinstance(result, dict)
+               or not isinstance(result.get(part), dict)]
+    if missing:
+        raise UserError(f"result file {path} holds no {missing[0]!r} object (not a result file "
+                        f"of scalegrad-run-gpt2 or scalegrad-evaluate-fairseq --result-format "
+                        f"gpt2?); remove it or move it out of the folder")
+    return result
+
+
 def _decoding_name(topk: str, topp: str, beam: str | None = None, ngram_block: str | None = None) -> str:
     if beam is not None and int(beam) > 1:  # evaluate_fairseq.py's beam search
         block = f", {ngram_block}-gram block" if ngram_block and int(ngram_block) > 0 else ""
@@ -116,12 +128,12 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
         for path in sorted(run_dir.glob("singletoken__*.json")):
             m = SINGLETOKEN_RE.match(path.name)
             if m and m["step"] is None:
-                singletoken[(m["model"], m["split"])] = _read_json(path)["metrics"]
+                singletoken[(m["model"], m["split"])] = _read_result(path, "metrics")["metrics"]
         completions = []
         for path in sorted(run_dir.glob("completion__*.json")):
             m = COMPLETION_RE.match(path.name)
             if m:
-                completions.append((m, _read_json(path)))
+                completions.append((m, _read_result(path, f"{view}_metrics")))
         if not singletoken and not completions:
             raise UserError(f"no result files (singletoken__*.json, completion__*.json) in {run_dir}")
         keys_done = set()
@@ -237,6 +249,10 @@ def collect_original_rows(eval_dirs, model_names=None, *, human: bool = True) ->
     files = [path for directory in eval_dirs for path in sorted(directory.glob("*__*__spl_*__*"))
              if ORIGINAL_KINDS.get(parse_original_name(path.name)[0]) == path.suffix]
     every_model = model_names is None
+    if every_model and not files:
+        raise UserError(f"no evaluation files (completions__*, single_token_predictions__*, "
+                        f"targets__*, metrics__* of scalegrad-evaluate-fairseq) in "
+                        f"{', '.join(map(str, eval_dirs))}")
     if every_model:
         model_names = sorted({parse_original_name(path.name)[1] for path in files})
     rows: list[Row] = []
@@ -358,7 +374,7 @@ def validation_curve(train_dir) -> dict[str, list[tuple[int, float]]]:
     for path in Path(train_dir).glob("singletoken__*.json"):
         m = SINGLETOKEN_RE.match(path.name)
         if m and m["step"] is not None:
-            ppl = _read_json(path)["metrics"].get("ppl")
+            ppl = _read_result(path, "metrics")["metrics"].get("ppl")
             curves.setdefault(m["split"], []).append((int(m["step"]), ppl))
     return {split: sorted(points) for split, points in curves.items()}
 

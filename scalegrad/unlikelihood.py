@@ -36,6 +36,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .arguments import require_tensor
+
 __all__ = [
     "CandidatePenaltyLoss",
     "candidate_penalty_loss",
@@ -138,6 +140,8 @@ def candidate_penalty_loss(
     ``-log(clamp(1 - p(c), min=1e-5))``; the training loss is
     ``nll_sum + alpha * penalty_sum`` (:meth:`CandidatePenaltyLoss.total`).
     """
+    require_tensor(lprobs, "lprobs", "candidate_penalty_loss", "(N, V)")
+    require_tensor(target, "target", "candidate_penalty_loss", "(N,)")
     if lprobs.dim() != 2 or target.numel() != lprobs.size(0):
         raise ValueError(
             f"expected lprobs (N, V) and target (N,), got {tuple(lprobs.shape)} "
@@ -171,8 +175,11 @@ def ngram_repeat_mask(tokens: torch.Tensor, n: int, *, check_last: bool = False)
     Quirk of the original, kept by default: the N-gram starting at ``T - n``
     (the last one) is never checked; ``check_last=True`` checks it.
     """
+    require_tensor(tokens, "tokens", "ngram_repeat_mask", "(B, T)")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if tokens.dim() != 2:
+        raise ValueError(f"ngram_repeat_mask: tokens must be (B, T), got {tuple(tokens.shape)}")
     mask = torch.zeros(tokens.shape, dtype=torch.bool)
     length = tokens.size(1)
     last_start = length - n + 1 if check_last else length - n
@@ -196,6 +203,9 @@ def sequence_penalty_loss(
     ``(B, T)`` were generated; ``mask`` ``(B, T)`` marks the penalised tokens
     (bool or 0/1 floats).
     """
+    for value, name, shape in ((lprobs, "lprobs", "(B, T, V)"), (tokens, "tokens", "(B, T)"),
+                               (mask, "mask", "(B, T)")):
+        require_tensor(value, name, "sequence_penalty_loss", shape)
     token_lprobs = lprobs.gather(2, tokens.long().unsqueeze(2)).squeeze(2)
     one_minus_p = torch.clamp(1.0 - token_lprobs.exp(), min=SEQUENCE_CLAMP)
     return (-torch.log(one_minus_p) * mask.to(one_minus_p.dtype)).sum()

@@ -105,14 +105,25 @@ def test_gamma_must_be_positive(gamma):
         scalegrad_loss(logits, target, gamma)
 
 
-def test_gamma_above_one_warns_once(caplog):
+def test_gamma_above_one_warns_once_per_value():
+    import warnings
+
+    from scalegrad import GammaAboveOneWarning
     from scalegrad.losses import _warn_gamma_above_one
 
     _warn_gamma_above_one.cache_clear()
     logits, target = _inputs(1, 3, 5, 0)
-    scalegrad_loss(logits, target, 2.0)
-    scalegrad_loss(logits, target, 2.0)
-    assert caplog.text.count("penalises novel tokens") == 1
+    with pytest.warns(GammaAboveOneWarning, match="> 1 penalises novel tokens") as record:
+        scalegrad_loss(logits, target, 2.0)
+        scalegrad_loss(logits, target, 2.0)
+        scalegrad_loss(logits, target, 3.0)
+    assert [str(w.message).split(" ")[0] for w in record] == ["gamma=2", "gamma=3"]
+    assert issubclass(GammaAboveOneWarning, UserWarning)
+    assert record[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scalegrad_loss(logits, target, 0.5)  # no warning at all for gamma <= 1
+        scalegrad_loss(logits, target, 1.0)
 
 
 def test_length_one_and_empty():

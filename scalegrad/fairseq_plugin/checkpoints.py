@@ -10,16 +10,13 @@ is refused.
 import argparse
 import json
 import os
-import warnings
 from glob import glob
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ..errors import UserError
 from ..hf import hf_config_from_dict
-from ..io import atomic_path
+from ..io import atomic_path, load_plain_torch_file
 
 MODEL_PREFIX = "decoder.model."
 ARCH_NAME = "gpt2_pretrained"
@@ -40,14 +37,9 @@ def read_checkpoint(path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if "weights only load failed" in first.lower() or "weights_only" in first:
-            first = "it holds objects other than tensors and plain containers, refused for safety"
-        raise UserError(f"checkpoint {path} cannot be read: {first}") from None
+        state = load_plain_torch_file(path)
+    except UserError as exc:
+        raise UserError(f"checkpoint {path} cannot be read: {exc}") from None
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("cfg"), dict):
         raise UserError(f"{path} is not a fairseq checkpoint (no 'model' and 'cfg' entries)")
     # fairseq records the config of an argparse-registered architecture (fconv_lm,

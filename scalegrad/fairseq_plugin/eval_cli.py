@@ -20,6 +20,7 @@ import torch
 
 from ..cli import configure_logging
 from ..errors import UserError, reports_user_errors
+from ..io import check_folder_path
 from .checkpoints import find_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -163,13 +164,7 @@ def _device(name: Optional[str]) -> torch.device:
 
 def check_save_path(save_path: Path) -> None:
     """``--save-path`` must be a folder or creatable as one (no file on the way)."""
-    for path in (save_path, *save_path.parents):
-        if path.exists():
-            _require(path.is_dir(), f"--save-path {save_path}: {path} is a file, not a folder; "
-                                    f"choose another --save-path")
-            _require(os.access(path, os.W_OK | os.X_OK),
-                     f"--save-path {save_path}: cannot write into {path}")
-            return
+    check_folder_path(save_path, "--save-path")
 
 
 def _check_positions(loaded, length: int, what: str) -> None:

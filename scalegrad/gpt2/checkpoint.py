@@ -9,9 +9,10 @@ Layout of ``--output-dir`` after training::
     resume/          model + tokenizer + training_state.pt: what --resume continues from
     singletoken__...__{step}.json                     one per validation
 
-Every folder is written under a temporary name and renamed into place, and every
-file in the top folder is renamed into place, so a ``kill -9`` at any moment leaves
-the previous version whole. The top folder's model files are hard links to
+Every folder and file is written through :func:`scalegrad.io.atomic_path`, so at any
+moment (a ``kill -9`` included) the newest complete copy of each can be found, and
+:func:`recover_output_dir` puts it back in place at the next start
+(``docs/failure-behaviour.md``). The top folder's model files are hard links to
 ``resume/``'s (copies where links are not possible), so they cost no extra disk.
 
 ``training_state.pt`` holds only tensors and plain Python values and is read with
@@ -20,12 +21,10 @@ the previous version whole. The top folder's model files are hard links to
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, load_plain_torch_file, recover_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +91,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def _link_or_copy(source: Path, destination: Path) -> None:
     """Put ``source`` at ``destination`` atomically (a hard link, else a copy)."""
-    fd, name = tempfile.mkstemp(prefix=f".{destination.name}.tmp-", dir=destination.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(destination) as tmp:
         tmp.unlink()
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copy2(source, tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def save_resume_checkpoint(output_dir: str | os.PathLike, model, tokenizer,
@@ -152,16 +143,26 @@ def resume_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir).expanduser() / RESUME_DIR
 
 
+def recover_output_dir(output_dir: str | os.PathLike) -> None:
+    """Finish what a crash left in ``output_dir`` (``docs/failure-behaviour.md``): every
+    checkpoint, best model or file whose write was interrupted gets its newest complete
+    copy back in place, and every temporary copy is removed (one log line each). Called
+    by the one process that writes, before it reads or writes anything there."""
+    output_dir = Path(output_dir).expanduser()
+    if output_dir.is_dir():
+        recover_folder(output_dir)
+        recover_folder(output_dir / BEST_DIR)
+
+
 def load_training_state(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The state in ``output_dir/resume``, or ``None`` when there is no checkpoint."""
     path = resume_dir(output_dir) / STATE_FILE
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"the checkpoint {path} cannot be read ({first}); remove "
+        state = load_plain_torch_file(path)
+    except UserError as exc:
+        raise UserError(f"the checkpoint {path} cannot be read: {exc}; remove "
                         f"{resume_dir(output_dir)} to start afresh") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"the checkpoint {path} is not a training state of this driver; remove "

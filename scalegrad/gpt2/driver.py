@@ -31,6 +31,7 @@ class RunResult:
     completion: dict | None = None
     train: Any = None
     resume_hint: str | None = None
+    output_dir: str | None = None
 
 
 def configure_logging(rank: int = 0) -> None:
@@ -111,6 +112,9 @@ def _train(args, runtime, on_step) -> RunResult:
 
     resume_state = None
     source, flag = model_source(args), _model_flag(args)
+    if runtime.is_main:  # what a crash of an earlier run left (docs/failure-behaviour.md)
+        checkpoint.recover_output_dir(args.output_dir)
+    runtime.barrier()
     if args.resume:
         resume_state = checkpoint.load_training_state(args.output_dir)
         if resume_state is None:
@@ -129,7 +133,7 @@ def _train(args, runtime, on_step) -> RunResult:
         outcome = trainer.run()
     finally:
         close_sinks(sinks)
-    result = RunResult("train", train=outcome)
+    result = RunResult("train", train=outcome, output_dir=str(args.output_dir))
     if outcome.status == "interrupted":
         result.resume_hint = (f"stopped after {outcome.total_steps} steps; the checkpoint is in "
                               f"{checkpoint.resume_dir(args.output_dir)}; to continue, run the "

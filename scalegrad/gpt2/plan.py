@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from .options import accumulation_steps
 
-__all__ = ["Plan", "make_plan", "Progress"]
+__all__ = ["Plan", "make_plan", "Progress", "NO_BEST_PPL"]
+
+#: ``best_ppl`` before any validation (the original's start value).
+NO_BEST_PPL = 1e20
 
 
 @dataclass
@@ -30,6 +33,23 @@ class Plan:
         if args.exact_train_n_steps:
             return min(args.train_n_steps, self.updates_per_epoch * self.num_epochs)
         return self.steps_in_epoch(args) * self.num_epochs
+
+
+    def validates(self, args) -> bool:
+        """Whether some step of the run validates (every ``--validate-every`` steps in
+        all, except the step that ends an epoch at ``--train-n-steps``, the quirk)."""
+        every = args.validate_every
+        if every < 1:
+            return False
+        if args.exact_train_n_steps:
+            return self.planned_updates(args) >= every
+        steps = self.steps_in_epoch(args)
+        validating = steps - 1 if steps == args.train_n_steps + 1 else steps
+        for epoch in range(self.num_epochs):
+            first = (epoch * steps // every + 1) * every  # the first multiple after the epoch's start
+            if first <= epoch * steps + validating:
+                return True
+        return False
 
 
 def make_plan(args, num_chunks: int, world_size: int) -> Plan:
@@ -57,7 +77,7 @@ class Progress:
     step: int = 0                  # next step index within the epoch
     total_steps: int = 0
     epoch_loss: float = 0.0
-    best_ppl: float = 1e20
+    best_ppl: float = NO_BEST_PPL
     logging_outputs: list = field(default_factory=list)
     consecutive_nonfinite: int = 0
     nonfinite_steps: int = 0       # skipped since the last report

@@ -61,6 +61,7 @@ import json  # noqa: E402
 from ..errors import reports_user_errors  # noqa: E402
 from .driver import run  # noqa: E402
 from .options import parse_args  # noqa: E402
+from .plan import NO_BEST_PPL  # noqa: E402
 
 
 def _json(value) -> str:
@@ -82,8 +83,14 @@ def print_result(result, out=None) -> None:
         print(f"saved {path}", file=out)
     train = result.train
     if train is not None and train.status != "interrupted":
-        print(f"training {train.status}: {train.total_steps} steps, best validation ppl "
-              f"{train.best_ppl:.4f}", file=out)
+        if train.best_ppl == NO_BEST_PPL:
+            print(f"training {train.status}: {train.total_steps} steps, no validation perplexity "
+                  f"and so no best model; the last model is in {result.output_dir} (resumable "
+                  f"from {os.path.join(result.output_dir, 'resume')})", file=out)
+        else:
+            print(f"training {train.status}: {train.total_steps} steps, best validation ppl "
+                  f"{train.best_ppl:.4f} (best model in "
+                  f"{os.path.join(result.output_dir, 'best')})", file=out)
     out.flush()
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..io import check_folder_path, complete_copy, make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,12 @@ def load_model(source: str, *, flag: str = "--model-name"):
     from transformers import AutoModelForCausalLM
 
     source = os.path.expanduser(source)
+    if not os.path.exists(source):
+        copy = complete_copy(source)  # a write of this folder was interrupted
+        if copy is not None and os.fspath(copy) != source:
+            logger.warning("%s %s: reading the complete copy %s that an interrupted write "
+                           "left", flag, source, copy)
+            source = os.fspath(copy)
     if os.path.exists(source):
         if not os.path.isdir(source):
             raise UserError(f"{flag} {source} is a file; expected a model folder written by "
@@ -210,25 +217,11 @@ def load_tokenizer_for(args, source: str | None = None):
 
 def check_output_dir(output_dir: str) -> None:
     """Fail early (before any work) when ``output_dir`` cannot be created or written."""
-    path = Path(output_dir).expanduser().absolute()
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UserError(f"--output-dir {output_dir}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {output_dir} cannot be written ({probe} is not writable)")
+    check_folder_path(output_dir, "--output-dir")
 
 
 def make_output_dir(output_dir: str) -> Path:
-    path = Path(output_dir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from None
-    return path
+    return make_folder(output_dir, "--output-dir")
 
 
 def check_positions(model, name: str, length: int) -> None:

@@ -25,6 +25,7 @@ import numbers
 import os
 
 from ..errors import UserError
+from ..io import check_folder_path
 
 logger = logging.getLogger(__name__)
 
@@ -46,20 +47,7 @@ def tensorboard_backend() -> str | None:
 
 def check_logdir(path: str, flag: str) -> None:
     """``path`` can be created (or is a folder) and written; nothing is created here."""
-    probe = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise UserError(f"{flag} {path} is a file, not a folder; give a folder path")
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise UserError(f"{flag} {path} cannot be created: {probe} is a file, not a folder; "
-                        f"give a path under a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path} cannot be written ({probe} is not writable); give a "
-                        f"folder you can write to")
+    check_folder_path(path, flag)
 
 
 def check_tracking(args) -> None:

@@ -89,18 +89,19 @@ class Trainer:
 
         self.train_chunks = load_chunks(args.data_base, "train", args.train_batch_size, vocab_size)
         self.plan = make_plan(args, self.train_chunks.size(0), runtime.world_size)
-        for name, length in (("--train-batch-size", args.train_batch_size),
-                             ("--batch-size-singletoken", args.batch_size_singletoken)):
-            check_positions(model, name, length)
+        check_positions(model, "--train-batch-size", args.train_batch_size)
         if args.sequence_tune_rate > 0:
             check_positions(model, "--prefix-length + --continuation-length",
                              args.prefix_length + args.continuation_length)
-        validates = args.validate_every <= self.plan.planned_updates(args)
+        # Only what this run uses is checked (no validation: no --eval-split, no
+        # --batch-size-singletoken).
         self.eval_chunks = None
-        if validates:
+        if self.plan.validates(args):
             if args.eval_split is None:
                 raise UserError(f"training validates every {args.validate_every} steps on "
-                                f"--eval-split, which is not given; pass --eval-split valid")
+                                f"--eval-split, which is not given; pass --eval-split valid (or "
+                                f"a --validate-every longer than the run)")
+            check_positions(model, "--batch-size-singletoken", args.batch_size_singletoken)
             self.eval_chunks = load_chunks(args.data_base, args.eval_split,
                                            args.batch_size_singletoken, vocab_size)
 
@@ -314,8 +315,7 @@ class Trainer:
                             checkpoint.resume_dir(self.output_dir))
             return TrainResult("already-finished", progress.total_steps, progress.best_ppl)
         if runtime.is_main:
-            make_output_dir(self.output_dir)
-            (make_output_dir(self.output_dir) / checkpoint.BEST_DIR).mkdir(exist_ok=True)
+            make_output_dir(self.output_dir)  # best/ comes with the first best model
             logger.info("training: %d chunks of %d + 1 tokens, %d update(s) per epoch per process, "
                         "%d epoch(s), schedule over %d steps, %d process(es)", plan.num_chunks,
                         args.train_batch_size, plan.updates_per_epoch, plan.num_epochs,
