@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from scalegrad import contrastive_token_loss, simctg_loss
 from scalegrad.data import load_chunks
+from scalegrad.errors import UserError
 from scalegrad.gpt2.driver import run
 from scalegrad.gpt2.objectives import StepModel, objective_description, training_report
 from scalegrad.gpt2.options import parse_args
@@ -117,17 +118,23 @@ def test_objective_description_names_each_objective(small_data_base, tmp_path):
     (["--objective", "contrastive_token", "--ct-preced-m-negatives", "-1"],
      "--ct-preced-m-negatives must be a number > 0"),
     (["--objective", "simctg", "--simctg-margin", "-0.1"], "--simctg-margin must be a number >= 0"),
-    (["--objective", "simctg", "--gamma", "0.5"],
-     "--gamma 0.5 is ScaleGrad's and cannot be combined with --objective simctg"),
     (["--objective", "contrastive_token", "--fused-loss"],
      "--fused-loss computes ScaleGrad only; it cannot be combined with --objective contrastive_token"),
 ])
-def test_bad_objective_flags_end_in_one_line_and_exit_2(small_data_base, tmp_path, extra, message):
+def test_bad_objective_flags_are_refused(small_data_base, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(train_argv(small_data_base, tmp_path / "out", tmp_path / "no-model", *extra))
+
+
+def test_two_objectives_end_in_one_line_and_exit_2(small_data_base, tmp_path):
     out = tmp_path / "out"
-    argv = train_argv(small_data_base, out, tmp_path / "no-model", *extra)
+    argv = train_argv(small_data_base, out, tmp_path / "no-model", "--objective", "simctg",
+                      "--gamma", "0.5")
     completed = subprocess.run([sys.executable, str(REPO / "scripts" / "run_gpt2.py"), *argv],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2, completed.stderr
     lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert lines == ["error: --gamma 0.5 is ScaleGrad's and cannot be combined with --objective "
+                     "simctg (which trains with cross-entropy plus its own term); drop --gamma or "
+                     "use --objective scalegrad"], lines
     assert not out.exists()
