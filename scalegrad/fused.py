@@ -24,7 +24,8 @@ from .losses import (
 )
 from .metrics import token_statistics
 
-__all__ = ["fused_linear_scalegrad_loss", "fused_linear_loss", "ScaleGradChunks", "chunked_logit_statistics"]
+__all__ = ["fused_linear_scalegrad_loss", "fused_linear_loss", "ScaleGradChunks", "scalegrad_objective",
+           "chunked_logit_statistics"]
 
 
 _STATISTICS = ("nll", "higher", "predictions", "loss", "entropy")
@@ -221,6 +222,19 @@ def _backprop_chunk(grad_logits, h, weight, start, stop, grad_hidden, grad_weigh
         grad_bias += grad_logits.sum(0)
 
 
+def scalegrad_objective(gamma: float, eps: float, impl: str, hidden: torch.Tensor,
+                        target: torch.Tensor | None = None) -> ScaleGradChunks:
+    """The ScaleGrad objective for the chunk loop on ``hidden``'s device: with the Triton
+    kernels of :mod:`scalegrad.triton_scalegrad` when ``impl`` asks for them
+    (:func:`scalegrad.losses.use_triton`), else the torch path (``gamma`` already checked)."""
+    kernels = None
+    if use_triton(impl, hidden):
+        from . import triton_scalegrad as kernels
+
+        kernels.check_tensors(hidden, *([target] if target is not None else []))
+    return ScaleGradChunks(gamma, eps, kernels)
+
+
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, objective, *,
                       bias: torch.Tensor | None = None, ignore_index: int | None = None,
                       chunk_size: int = 256, statistics: bool = False, entropy: bool = False):
@@ -290,13 +304,8 @@ def fused_linear_scalegrad_loss(
     default on CUDA when it imports) each chunk's loss and logit gradient come
     from one launch of the kernels of :mod:`scalegrad.triton_scalegrad`.
     """
-    gamma = check_gamma(gamma)
-    kernels = None
-    if use_triton(impl, hidden):
-        from . import triton_scalegrad as kernels
-
-        kernels.check_tensors(hidden, target)
-    return fused_linear_loss(hidden, weight, target, ScaleGradChunks(gamma, eps, kernels), bias=bias,
+    objective = scalegrad_objective(check_gamma(gamma), eps, impl, hidden, target)
+    return fused_linear_loss(hidden, weight, target, objective, bias=bias,
                              ignore_index=ignore_index, chunk_size=chunk_size, statistics=statistics)
 
 
