@@ -30,6 +30,7 @@ _PUBLIC = {
     "ScaleGradLoss": ".hf_trainer",
     "scalegrad_trainer": ".hf_trainer",
     "apply_scalegrad": ".hf_patch",
+    "apply_contrastive_token": ".hf_patch",
     "remove_scalegrad": ".hf_patch",
     "scalegrad_patched": ".hf_patch",
     "ranking_metrics": ".metrics",

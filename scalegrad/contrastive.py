@@ -25,6 +25,11 @@
 Neither builds what it does not need: CT gathers ``(batch, time, window)`` logits (no
 ``(batch, time, time)`` tensor, no dense negative mask); SimCTG builds one
 ``(batch, time, time)`` similarity matrix, which its backward pass reuses in place.
+
+CT also runs in the fused chunk loop of :mod:`scalegrad.fused` (the logits of a chunk of
+positions at a time, never the ``(batch, time, vocab)`` ones):
+:class:`ContrastiveTokenChunks` is its per-chunk objective ``CE + CT``, and
+:func:`fused_linear_contrastive_token_loss` the entry point.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .fused import fused_linear_loss
+
 __all__ = ["contrastive_token_loss", "ct_window", "check_ct_argument", "simctg_loss",
-           "simctg_contrastive_loss", "check_margin"]
+           "simctg_contrastive_loss", "check_margin", "ContrastiveTokenChunks",
+           "fused_linear_contrastive_token_loss"]
 
 Number = Union[int, float]
 
@@ -120,19 +128,129 @@ def contrastive_token_loss(
     if window <= 0 or not bool(count):
         return logits.sum() * 0.0
     safe = target.masked_fill(~valid, 0)
-    # negative_ids[b, t, k] = target[b, t - window + k]: the `window` targets before t.
-    negative_ids = F.pad(safe, (window, 0)).unfold(1, window, 1)[:, :length]
-    negative_ok = F.pad(valid, (window, 0), value=False).unfold(1, window, 1)[:, :length]
-    negative_ok = negative_ok & (negative_ids != safe.unsqueeze(2))
+    negative_ids, negative_ok = _negatives(safe, valid, window)
     dtype = _compute_dtype(logits)
     positive = logits.gather(2, safe.unsqueeze(2)).to(dtype)
     difference = (logits.gather(2, negative_ids).to(dtype) - positive)
-    difference = difference.masked_fill(~negative_ok, -math.inf)
-    # log(1 + sum exp(d)), stable: shift by max(0, max d) (a constant for autograd).
-    shift = difference.amax(dim=2).clamp(min=0.0).detach()
-    terms = shift + torch.log(torch.exp(-shift) +
-                              torch.exp(difference - shift.unsqueeze(2)).sum(dim=2))
+    terms, _ = _ct_terms(difference, negative_ok)
     return terms.masked_fill(~valid, 0.0).sum() / count
+
+
+def _negatives(safe: torch.Tensor, valid: torch.Tensor, window: int):
+    """``(negative_ids, negative_ok)``, both ``(batch, time, window)``: ``negative_ids[b,
+    t, k] = target[b, t - window + k]``, the ``window`` targets before ``t``; ``ok`` where
+    that position is scored and its id is not ``target[b, t]``."""
+    negative_ids = F.pad(safe, (window, 0)).unfold(1, window, 1)[:, :safe.size(1)]
+    negative_ok = F.pad(valid, (window, 0), value=False).unfold(1, window, 1)[:, :safe.size(1)]
+    return negative_ids, negative_ok & (negative_ids != safe.unsqueeze(2))
+
+
+def _ct_terms(difference: torch.Tensor, negative_ok: torch.Tensor):
+    """``log(1 + sum_k exp(d_k))`` over the last dimension where ``negative_ok``, and the
+    weights ``exp(d_k) / (1 + sum exp(d))`` (its gradient with respect to each ``d_k``).
+    Stable: shifted by ``max(0, max d)``, a constant for autograd."""
+    difference = difference.masked_fill(~negative_ok, -math.inf)
+    shift = difference.amax(dim=-1).clamp(min=0.0).detach()
+    exp = torch.exp(difference - shift.unsqueeze(-1))
+    normaliser = torch.exp(-shift) + exp.sum(dim=-1)
+    return shift + torch.log(normaliser), exp / normaliser.unsqueeze(-1)
+
+
+class ContrastiveTokenChunks:
+    """``CE + CT`` as a per-chunk objective of the fused loop (the members of
+    :class:`scalegrad.fused.ScaleGradChunks`): each position's loss is its cross-entropy
+    plus ``n / m`` times its contrastive-token term, ``n`` the positions scored by CE
+    (not ignored) and ``m`` those scored by CT, so that the loop's sum divided by ``n``
+    is ``CE mean + contrastive_token_loss(...)``. The logit gradient is in closed form:
+    ``softmax - onehot(y)`` for CE; for CT ``w_k = exp(z_k - z_y) / (1 + S)`` at each
+    negative ``k`` (duplicates add up) and ``-sum w`` at ``y``.
+
+    ``time``: the row length the fractions of ``ct_length`` refer to (default: the
+    target's; :func:`scalegrad.hf_patch.apply_contrastive_token` passes the shifted one).
+    """
+
+    def __init__(self, *, pad_id: Optional[int] = 0, ct_length: Number = 0.25,
+                 preced_m_negatives: Number = 0.5, time: Optional[int] = None):
+        self.pad_id = pad_id
+        self.ct_length = check_ct_argument(ct_length, "ct_length")
+        self.preced_m_negatives = check_ct_argument(preced_m_negatives, "preced_m_negatives")
+        self.time = time
+
+    def begin(self, target, valid, capacity, vocab, dtype, needs_logit_grad):
+        batch, time = target.shape
+        self.needs_logit_grad = needs_logit_grad
+        self.flat_target = target.reshape(-1)
+        scored = valid if valid is not None else torch.ones_like(target, dtype=torch.bool)
+        self.ce_weight = scored.reshape(-1).to(dtype)
+        length, negatives = ct_window(time if self.time is None else self.time, self.ct_length,
+                                      self.preced_m_negatives)
+        length = min(length, time)
+        ct_valid = scored.clone()
+        ct_valid[:, length:] = False
+        if self.pad_id is not None:
+            ct_valid &= target != self.pad_id
+        self.window = min(negatives, length - 1)
+        count = int(ct_valid.sum())
+        scale = float(scored.sum()) / count if count else 0.0
+        self.ct_weight = ct_valid.reshape(-1).to(dtype) * scale
+        if self.window > 0:
+            negative_ids, negative_ok = _negatives(target, ct_valid, self.window)
+            self.negative_ids = negative_ids.reshape(-1, self.window)
+            self.negative_ok = (negative_ok & ct_valid.unsqueeze(2)).reshape(-1, self.window)
+
+    def chunk(self, logits, start, stop, row_max=None):
+        y = self.flat_target[start:stop, None]
+        ce_weight, ct_weight = self.ce_weight[start:stop], self.ct_weight[start:stop]
+        target_logits = logits.gather(1, y)
+        if self.window > 0:
+            negative_ids = self.negative_ids[start:stop]
+            ct, weights = _ct_terms(logits.gather(1, negative_ids) - target_logits,
+                                    self.negative_ok[start:stop])
+        else:
+            ct = weights = None
+        # exp(logits - max) / sum in place, as logsumexp computes it.
+        if row_max is None:
+            row_max = logits.max(dim=1, keepdim=True).values
+        sum_exp = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)
+        lse = row_max + sum_exp.log()
+        losses = (lse - target_logits).squeeze(1) * ce_weight
+        if ct is not None:
+            losses = losses + ct * ct_weight
+        if not self.needs_logit_grad:
+            return losses, None, lse.squeeze(1)
+        grad = logits.div_(sum_exp).mul_(ce_weight.unsqueeze(1))
+        grad.scatter_add_(1, y, -ce_weight.unsqueeze(1))
+        if weights is not None:
+            weights = weights * ct_weight.unsqueeze(1)
+            grad.scatter_add_(1, negative_ids, weights)
+            grad.scatter_add_(1, y, -weights.sum(dim=1, keepdim=True))
+        return losses, grad, lse.squeeze(1)
+
+
+def fused_linear_contrastive_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    pad_id: Optional[int] = 0,
+    ct_length: Number = 0.25,
+    preced_m_negatives: Number = 0.5,
+    chunk_size: int = 256,
+    statistics: bool = False,
+):
+    """``CE + CT`` of ``logits = hidden @ weight.T (+ bias)`` from the fused chunk loop
+    (:func:`scalegrad.fused.fused_linear_loss`), ``chunk_size`` positions' logits at a
+    time: the summed cross-entropy of the ``n`` positions not ``ignore_index`` plus ``n x
+    contrastive_token_loss(logits, target, ...)`` (so ``/ n`` gives the papers' ``CE +
+    CT``), equal in value and gradients to that sum on the full logits. ``statistics``:
+    as :func:`scalegrad.fused.fused_linear_scalegrad_loss`."""
+    objective = ContrastiveTokenChunks(pad_id=pad_id, ct_length=ct_length,
+                                       preced_m_negatives=preced_m_negatives)
+    return fused_linear_loss(hidden, weight, target, objective, bias=bias,
+                             ignore_index=ignore_index, chunk_size=chunk_size,
+                             statistics=statistics)
 
 
 # --------------------------------------------------------------------------- #

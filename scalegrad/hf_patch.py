@@ -46,13 +46,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .contrastive import ContrastiveTokenChunks, check_ct_argument
 from .fused import fused_linear_loss, scalegrad_objective
 from .hf import check_linear_head, linear_head, unwrap
 from .hf_trainer import IGNORE_INDEX
 from .losses import check_gamma
 
-__all__ = ["apply_scalegrad", "remove_scalegrad", "scalegrad_patched", "patch_fused_objective",
-           "fused_patch_settings"]
+__all__ = ["apply_scalegrad", "apply_contrastive_token", "remove_scalegrad", "scalegrad_patched",
+           "patch_fused_objective", "fused_patch_settings"]
 
 _STATE = "_scalegrad_fused_patch"
 
@@ -70,7 +71,7 @@ _LOGIT_TRANSFORMS = (
 @dataclass
 class _Patch:
     settings: tuple
-    make_objective: object  # hidden -> a per-chunk objective (scalegrad.fused.ScaleGradChunks)
+    make_objective: object  # (hidden, time) -> a per-chunk objective (scalegrad.fused.ScaleGradChunks)
     chunk_size: int
     ignore_index: int
     head: torch.nn.Module
@@ -125,8 +126,9 @@ def _check_patchable(model, name: str) -> tuple:
 def patch_fused_objective(model, make_objective, *, settings: tuple, chunk_size: int,
                           ignore_index: int = IGNORE_INDEX, check: bool = True):
     """Patch ``model`` (in place; returned) so that calls with labels return the loss of
-    the per-chunk objective ``make_objective(hidden)`` (:mod:`scalegrad.fused`) over the
-    model's head; :func:`apply_scalegrad` documents the behaviour. ``settings`` identify
+    the per-chunk objective ``make_objective(hidden, time)`` (:mod:`scalegrad.fused`) over
+    the model's head (``time``: the target positions of a row, ``T - 1`` when the labels are
+    shifted inside, the last position's target being a stand-in); :func:`apply_scalegrad` documents the behaviour. ``settings`` identify
     the objective: a second patch with the same settings changes nothing, with others it
     is refused. ``check``: run :func:`scalegrad.hf.check_linear_head` on a few tokens."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -209,9 +211,35 @@ def apply_scalegrad(model, gamma: float, *, chunk_size: int = 256, ignore_index:
         _refuse(f"eps must be a number >= 0, got {eps!r}", "leave eps=1e-8")
     if impl not in ("auto", "torch", "triton"):
         _refuse(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}", "leave impl='auto'")
+    def make_objective(hidden, time):
+        return scalegrad_objective(gamma, float(eps), impl, hidden)
+
     return patch_fused_objective(
-        model, functools.partial(scalegrad_objective, gamma, float(eps), impl),
-        settings=("scalegrad", gamma, float(eps), impl, chunk_size, ignore_index),
+        model, make_objective, settings=("scalegrad", gamma, float(eps), impl, chunk_size, ignore_index),
+        chunk_size=chunk_size, ignore_index=ignore_index, check=check)
+
+
+def apply_contrastive_token(model, ct_length: float = 0.25, preced_m_negatives: float = 0.5, *,
+                            pad_id: int | None = None, chunk_size: int = 256,
+                            ignore_index: int = IGNORE_INDEX, check: bool = True):
+    """:func:`apply_scalegrad` for the contrastive-token objective (docs/objectives.md):
+    ``model(input_ids=..., labels=...)`` returns cross-entropy plus the contrastive-token
+    term from the fused chunk loop (:class:`scalegrad.contrastive.ContrastiveTokenChunks`),
+    equal in value and gradients to :class:`scalegrad.ContrastiveTokenLoss` on the full
+    logits; the same refusals, :func:`remove_scalegrad` undoes it."""
+    try:
+        check_ct_argument(ct_length, "ct_length")
+        check_ct_argument(preced_m_negatives, "preced_m_negatives")
+    except ValueError as exc:
+        _refuse(str(exc), "pass ct_length=0.25, preced_m_negatives=0.5, say")
+
+    def make_objective(hidden, time):
+        return ContrastiveTokenChunks(pad_id=pad_id, ct_length=ct_length,
+                                      preced_m_negatives=preced_m_negatives, time=time)
+
+    return patch_fused_objective(
+        model, make_objective,
+        settings=("contrastive_token", ct_length, preced_m_negatives, pad_id, chunk_size, ignore_index),
         chunk_size=chunk_size, ignore_index=ignore_index, check=check)
 
 
@@ -302,7 +330,8 @@ def _forward(model, state: _Patch, original, args, kwargs):
             raise ValueError(f"apply_scalegrad: the head's input {tuple(hidden.shape)} does not match the "
                              f"targets {tuple(target.shape)}")
         captured["out"] = fused_linear_loss(
-            hidden, head.weight, target.to(hidden.device), state.make_objective(hidden), bias=head.bias,
+            hidden, head.weight, target.to(hidden.device),
+            state.make_objective(hidden, target.shape[1] - (shift_labels is None)), bias=head.bias,
             ignore_index=state.ignore_index, chunk_size=state.chunk_size, statistics=bool(fused_lm_head),
             entropy=bool(fused_lm_head))
         return hidden.new_empty((*hidden.shape[:-1], 0))
