@@ -65,10 +65,32 @@ def test_the_step_is_cross_entropy_plus_the_core_term(tiny_tokenizer, small_data
     assert report["nll_loss"] == pytest.approx(nll.item() / 0.6931471805599453, rel=1e-5)
 
 
+def test_the_fused_ct_step_equals_the_plain_one(tiny_tokenizer, small_data_base, tmp_path):
+    model = helpers.build_tiny_model(len(tiny_tokenizer), seed=4).eval()
+    chunk = load_chunks(small_data_base, "train", 32, model.config.vocab_size)[1]
+    results = []
+    for extra in ([], ["--fused-loss", "--fused-chunk-size", 7]):
+        args = step_args(small_data_base, tmp_path, "--objective", "contrastive_token",
+                         "--ct-length", 1.0, "--ct-preced-m-negatives", 8, *extra)
+        kind = "fused_contrastive_token" if extra else "contrastive_token"
+        loss, log = StepModel(model, args, CPU)(chunk, kind)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        results.append((loss.item(), log, grads))
+    (plain, plain_log, plain_grads), (fused, fused_log, fused_grads) = results
+    assert fused == pytest.approx(plain, rel=1e-5)
+    for key in ("loss", "nll", "ct_loss", "hits_at_1", "repeat_at_1/16"):
+        assert fused_log[key] == pytest.approx(plain_log[key], rel=1e-4, abs=1e-5), key
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.slow  # three short trainings of the tiny model
-@pytest.mark.parametrize("objective", ["contrastive_token", "simctg"])
+@pytest.mark.parametrize("objective, extra", [("contrastive_token", []), ("simctg", []),
+                                              ("contrastive_token", ["--fused-loss"])])
 def test_training_with_each_objective_lowers_it_and_records_it(tiny_model_dir, small_data_base,
-                                                               tmp_path, objective):
+                                                               tmp_path, objective, extra):
     out = tmp_path / "out"
     # The tiny random model's hidden states are nearly orthogonal (cosines below 0.6): a
     # margin of 0.9 makes SimCTG's term count from the start.
@@ -76,7 +98,7 @@ def test_training_with_each_objective_lowers_it_and_records_it(tiny_model_dir, s
     result = run(parse_args(train_argv(small_data_base, out, tiny_model_dir, "--objective",
                                        objective, "--simctg-margin", margin, "--train-n-steps", 30,
                                        "--exact-train-n-steps", "--validate-every", 30,
-                                       "--save-every", 1000, "--report-metrics-every", 6)))
+                                       "--save-every", 1000, "--report-metrics-every", 6, *extra)))
     assert result.train.status == "finished" and result.train.total_steps == 30
     files = list(out.glob("singletoken__*_30.json"))
     assert len(files) == 1
@@ -118,8 +140,9 @@ def test_objective_description_names_each_objective(small_data_base, tmp_path):
     (["--objective", "contrastive_token", "--ct-preced-m-negatives", "-1"],
      "--ct-preced-m-negatives must be a number > 0"),
     (["--objective", "simctg", "--simctg-margin", "-0.1"], "--simctg-margin must be a number >= 0"),
-    (["--objective", "contrastive_token", "--fused-loss"],
-     "--fused-loss computes ScaleGrad only; it cannot be combined with --objective contrastive_token"),
+    (["--objective", "simctg", "--fused-loss"],
+     "--fused-loss computes ScaleGrad or the contrastive-token objective; it cannot be combined "
+     "with --objective simctg"),
 ])
 def test_bad_objective_flags_are_refused(small_data_base, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):

@@ -342,9 +342,9 @@ def check_objective(args: argparse.Namespace) -> None:
                  f"--gamma {args.gamma} is ScaleGrad's and cannot be combined with --objective "
                  f"{args.objective} (which trains with cross-entropy plus its own term); drop "
                  f"--gamma or use --objective scalegrad")
-        _require(not args.fused_loss,
-                 f"--fused-loss computes ScaleGrad only; it cannot be combined with --objective "
-                 f"{args.objective}: drop --fused-loss")
+        _require(not (args.fused_loss and args.objective == "simctg"),
+                 "--fused-loss computes ScaleGrad or the contrastive-token objective; it cannot be "
+                 "combined with --objective simctg: drop --fused-loss")
 
 
 def accumulation_steps(args: argparse.Namespace) -> int:
