@@ -63,14 +63,16 @@ setup(
         # viewer; tensorboardX also works) and --wandb-project.
         "tracking": ["tensorboard", "wandb"],
         # accelerate: what transformers.Trainer needs; trl, peft: the SFTTrainer and
-        # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests.
+        # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests;
+        # ct-loss: the published contrastive-token loss, the oracle of its tests.
         # MAUVE of scalegrad-score and the drivers' text metrics (docs/metrics-2022.md);
         # the log-prob and SimCSE coherence need only the core.
         "eval": ["mauve-text>=0.4", "faiss-cpu", "scikit-learn"],
         # The eval extra's packages are also the MAUVE tests' oracle; simctg==0.7 (the
         # rep-n oracle) is installed with --no-deps by scripts/setup_env.sh.
         "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft",
-                "tensorboard", "wandb", "mauve-text>=0.4", "faiss-cpu", "scikit-learn"],
+                "tensorboard", "wandb", "mauve-text>=0.4", "faiss-cpu", "scikit-learn",
+                "ct-loss==0.0.3"],
     },
     # Commands on the PATH; the scripts/ files run the same functions.
     entry_points={

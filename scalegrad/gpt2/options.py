@@ -24,6 +24,9 @@ from typing import Any, Sequence
 from ..errors import UserError
 
 MODES = ("train", "eval-singletoken", "eval-completion", "eval-both")
+#: ``--objective``: the token-level training objective (docs/objectives.md); the names
+#: of the fairseq criteria.
+OBJECTIVE_CHOICES = ("scalegrad", "contrastive_token", "simctg")
 SPLIT_CHOICES = ("train", "valid", "test")
 
 #: The original's parser defaults, for the README and the tests.
@@ -106,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
              "continuations of the chunk's prefixes (the parent script's default was 0.5)")
     add("--sequence-ngram-n", type=int, default=4,
         help="N of the repeated N-grams that sequence-level unlikelihood penalises")
+
+    # ---- the objectives ScaleGrad is compared with (docs/objectives.md) ----
+    add("--objective", choices=OBJECTIVE_CHOICES, default="scalegrad",
+        help="the token-level training loss: scalegrad (with --gamma; 1.0 is maximum "
+             "likelihood), contrastive_token (cross-entropy + the contrastive-token loss of "
+             "Jiang et al. 2022, with --ct-length and --ct-preced-m-negatives) or simctg "
+             "(cross-entropy + SimCTG's margin loss on the last hidden states, Su et al. "
+             "2022, with --simctg-margin); --sequence-tune-rate steps mix in with any of them")
+    add("--ct-length", type=float, default=0.25,
+        help="--objective contrastive_token: the leading positions of each chunk the CT term "
+             "scores, a fraction of the chunk (<= 1) or a count (> 1), as ct-loss's ct_length")
+    add("--ct-preced-m-negatives", type=float, default=0.5,
+        help="--objective contrastive_token: how many preceding tokens are each position's "
+             "negatives, a fraction of the CT length (<= 1) or a count (> 1), as ct-loss's "
+             "preced_m_negatives")
+    add("--simctg-margin", type=float, default=0.5,
+        help="--objective simctg: the margin rho of SimCTG's contrastive loss, >= 0 (the "
+             "paper: 0.5)")
 
     # ---- new ----
     add("--config", default=None,
@@ -256,6 +277,7 @@ def check_args(args: argparse.Namespace) -> None:
         check_gamma(args.gamma, name="--gamma")
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    check_objective(args)
     for name in ("batch_size_singletoken", "batch_size_completion", "train_batch_size",
                  "report_metrics_every", "save_every", "validate_every", "num_train_epochs",
                  "sequence_ngram_n", "max_nonfinite_steps"):
@@ -303,6 +325,26 @@ def check_args(args: argparse.Namespace) -> None:
     from .tracking import check_tracking
 
     check_tracking(args)
+
+
+def check_objective(args: argparse.Namespace) -> None:
+    """``--objective`` and its flags: values in range, and no flag of another objective."""
+    from ..contrastive import check_ct_argument, check_margin
+
+    try:
+        check_ct_argument(args.ct_length, "--ct-length")
+        check_ct_argument(args.ct_preced_m_negatives, "--ct-preced-m-negatives")
+        check_margin(args.simctg_margin, name="--simctg-margin")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.objective != "scalegrad":
+        _require(args.gamma == 1.0,
+                 f"--gamma {args.gamma} is ScaleGrad's and cannot be combined with --objective "
+                 f"{args.objective} (which trains with cross-entropy plus its own term); drop "
+                 f"--gamma or use --objective scalegrad")
+        _require(not (args.fused_loss and args.objective == "simctg"),
+                 "--fused-loss computes ScaleGrad or the contrastive-token objective; it cannot be "
+                 "combined with --objective simctg: drop --fused-loss")
 
 
 def accumulation_steps(args: argparse.Namespace) -> int:
