@@ -47,6 +47,11 @@ fi
 echo "setup: installing scalegrad and its dependencies (the first fairseq build takes a few minutes)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[fairseq,dev]"
 
+# Test oracles from peer packages. simctg 0.7 (SimCTG's contrastive search scoring and
+# rep-n / diversity) pins 'sklearn', a name pip now refuses, and an old sacrebleu; the
+# modules the tests use need only torch, so install it without its dependencies.
+"${PIP[@]}" install -q --no-deps "simctg==0.7"
+
 # The Triton kernel's tests run in Triton's CPU interpreter, which needs triton >= 3.9
 # next to numpy 2. A CUDA torch pins the Triton it was built with: leave that one alone.
 if "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then
