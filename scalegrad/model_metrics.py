@@ -182,6 +182,11 @@ def mauve_score(references: Sequence[str], generations: Sequence[str], featurize
                         f"references for {len(generations)} generations")
     if max_text_length < 1:
         raise UserError(f"max_text_length must be at least 1, got {max_text_length}")
+    pairs = sum(1 for reference, generation in zip(references, generations)
+                if reference and generation)
+    if pairs < 2:  # before any model is loaded
+        raise UserError(f"MAUVE needs at least 2 non-empty generations with references, got "
+                        f"{pairs}")
     model, tokenizer = load_pretrained(featurizer, "featurizer", kind="base", device=device,
                                        models=models)
     refs, gens = cut_pairs(tokenizer, references, generations, max_text_length)

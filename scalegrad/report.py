@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .report_2022 import TEXT_COLUMNS, human_text_values, text_metric_values
 
 COLUMNS = ["seq-rep-1", "seq-rep-4", "uniq-seq", "ppl", "acc", "rep", "wrep", "uniq"]
 
@@ -49,6 +50,7 @@ class Row:
     decoding: str
     values: dict = field(default_factory=dict)
     source: str = "gpt2"  # "original": read from the original evaluation script's files
+    std: dict = field(default_factory=dict)  # standard deviations over samples (TEXT_COLUMNS)
 
 
 def _read_json(path: Path) -> dict:
@@ -101,6 +103,7 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
         raise UserError(f"--names gives {len(names)} names for {len(run_dirs)} result directories")
     rows: list[Row] = []
     human_rows: dict[str, Row] = {}
+    text_human: dict[str, dict] = {}  # the references' 2022 columns, the first file's per split
     for run_dir, run_name in zip(run_dirs, names):
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
@@ -122,6 +125,11 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
             key = (m["model"], m["split"])
             row = Row(run_name, m["model"], m["split"], _decoding_name(m["topk"], m["topp"], m["beam"], m["ngb"]))
             row.values.update(completion_values(result, m["split"], view))
+            text_values, row.std = text_metric_values(result)  # docs/metrics-2022.md
+            row.values.update(text_values)
+            if human:
+                for column, value in human_text_values(result).items():
+                    text_human.setdefault(m["split"], {}).setdefault(column, value)
             if key in singletoken:
                 row.values.update(singletoken_values(singletoken[key]))
             rows.append(row)
@@ -136,6 +144,8 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
                     "rep": metrics.get("human_repeat_at_1/128"),
                     "uniq": metrics.get("human_uniq"),
                 })
+    for split, values in text_human.items():
+        human_rows.setdefault(split, Row("human", "-", split, "-")).values.update(values)
     return rows + list(human_rows.values())
 
 
@@ -281,9 +291,24 @@ def _fmt(value) -> str:
     return str(int(value)) if isinstance(value, (int, float)) else str(value)
 
 
-def _table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+def _table(rows: list[Row], fmt: str = "text") -> tuple[list[str], list[list[str]]]:
+    """Today's columns, then each of the 2022 papers' columns some row has: "mean +-
+    std" with several samples (CSV: the std in a column of its own)."""
+    extra = [c for c in TEXT_COLUMNS if any(r.values.get(c) is not None for r in rows)]
     header = ["run", "model", "split", "decoding"] + COLUMNS
     body = [[r.run, r.model, r.split, r.decoding] + [_fmt(r.values.get(c)) for c in COLUMNS] for r in rows]
+    for column in extra:
+        with_std = any(column in r.std for r in rows)
+        if fmt == "csv":
+            header += [column] + ([f"{column} std"] if with_std else [])
+        else:
+            header.append(column)
+        for r, line in zip(rows, body):
+            value, std = _fmt(r.values.get(column)), r.std.get(column)
+            if fmt == "csv":
+                line += [value] + ([_fmt(std)] if with_std else [])
+            else:
+                line.append(value if std is None else f"{value} +- {_fmt(float(std))}")
     return header, body
 
 
@@ -305,7 +330,7 @@ def render(rows: list[Row], fmt: str = "text") -> str:
 
 
 def _render_table(rows: list[Row], fmt: str) -> str:
-    header, body = _table(rows)
+    header, body = _table(rows, fmt)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")

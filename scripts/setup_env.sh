@@ -47,9 +47,9 @@ fi
 echo "setup: installing scalegrad and its dependencies (the first fairseq build takes a few minutes)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[fairseq,dev]"
 
-# Test oracles from peer packages. simctg 0.7 (SimCTG's contrastive search scoring and
-# rep-n / diversity) pins 'sklearn', a name pip now refuses, and an old sacrebleu; the
-# modules the tests use need only torch, so install it without its dependencies.
+# Test oracles: simctg 0.7 (SimCTG's rep-n / diversity and contrastive search scoring,
+# ranking_fast) pins 'sklearn' (a name pip refuses) and an old sacrebleu; the modules
+# the tests use need neither, so it goes in without dependencies.
 "${PIP[@]}" install -q --no-deps "simctg==0.7"
 
 # The Triton kernel's tests run in Triton's CPU interpreter, which needs triton >= 3.9

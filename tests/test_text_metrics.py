@@ -22,8 +22,9 @@ def real_texts(count=60, words=40):
         length = (0, 1, 2, 4, words, words // 2, 3 * words)[i % 7]
         texts.append(" ".join(tokens[start:start + length]))
         start += length
-    texts[5] = texts[4] + "\n" + texts[4]  # a repeated passage
-    texts[6] = "  the the the the the  \n"
+    if count > 6:
+        texts[5] = texts[4] + "\n" + texts[4]  # a repeated passage
+        texts[6] = "  the the the the the  \n"
     return texts
 
 
