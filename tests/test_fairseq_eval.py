@@ -404,6 +404,8 @@ def test_report_equals_a_rederivation_from_the_files(evaluated, trained, capsys)
     assert human[7] == uniq
     assert ("sg", f"sg (step {num_updates(trained['sg'] / 'checkpoint_best.pt')}; ckpt best; "
             f"sttpk 1; sttpp 0.0)", "beam 3, 2-gram block") in rows
+    assert ("sg", f"sg (step {num_updates(trained['sg'] / 'checkpoint_best.pt')}; ckpt best; "
+            f"sttpk 1; sttpp 0.0)", "contrastive, alpha 0.6, top-k 4") in rows
 
 
 # --------------------------------------------------------------------------- #
