@@ -135,3 +135,19 @@ def test_script_says_one_line_and_exits_2(tiny_model_dir, data_base, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: --penalty-alpha must be between 0 and 1, got 2.0"], proc.stderr
     assert not out.exists()
+
+
+def test_report_reads_contrastive_and_sample_files(tiny_model_dir, data_base, tmp_path):
+    from scalegrad.report import collect_rows
+
+    out = tmp_path / "run"
+    _, contrastive = evaluate(data_base, out, tiny_model_dir, "--penalty-alpha", 0.5, "--top-k", 3)
+    _, sampled = evaluate(data_base, out, tiny_model_dir, "--top-p", 0.9, "--num-samples", 2)
+    rows = {row.decoding: row for row in collect_rows([out]) if row.run == "run"}
+    assert set(rows) == {"contrastive, alpha 0.5, top-k 3", "top-p 0.9, 2 samples"}
+    assert rows["top-p 0.9, 2 samples"].values["rep-2"] == pytest.approx(
+        sampled["text_metrics"]["metrics"]["rep-2"])
+    assert rows["top-p 0.9, 2 samples"].std["rep-2"] == pytest.approx(
+        sampled["text_metrics"]["std"]["rep-2"])
+    assert rows["contrastive, alpha 0.5, top-k 3"].values["diversity"] == pytest.approx(
+        contrastive["text_metrics"]["metrics"]["diversity"])
