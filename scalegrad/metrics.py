@@ -24,7 +24,6 @@ __all__ = [
     "ranking_metrics",
     "ranking_metrics_from_ranks",
     "token_statistics",
-    "decode_ids",
     "repeat_at_1",
     "aggregate_ranking_metrics",
     "aggregate_sequence_metrics",
@@ -328,7 +327,7 @@ _CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
-def decode_ids(tokenizer, ids: Sequence[int]) -> str:
+def _decode(tokenizer, ids: Sequence[int]) -> str:
     """Decode as the original (pytorch-transformers, clean-up on) did."""
     return clean_up_tokenization(tokenizer.decode(list(ids), clean_up_tokenization_spaces=False))
 
@@ -338,8 +337,8 @@ def text_continuation_words(tokenizer, completion: Sequence[int], prefix_length:
     whole completion, remove every occurrence of the decoded prefix text (or,
     when it does not occur verbatim, of the prefix text without its last two
     space-separated pieces), split into words."""
-    text = decode_ids(tokenizer, completion)
-    prefix = decode_ids(tokenizer, completion[:prefix_length])
+    text = _decode(tokenizer, completion)
+    prefix = _decode(tokenizer, completion[:prefix_length])
     if prefix not in text:
         prefix = " ".join(prefix.split(" ")[:-2])
     continuation = text.replace(prefix, "") if prefix else text
@@ -371,8 +370,8 @@ class CompletionMetrics:
             continuation = completion[self.prefix_length:]
             self.bpe.update([continuation])
             word_lists.append(text_continuation_words(self.tokenizer, completion, self.prefix_length))
-            self.completions.append(decode_ids(self.tokenizer, completion))
-            self.unique_pieces.update(decode_ids(self.tokenizer, continuation).split(" "))
+            self.completions.append(_decode(self.tokenizer, completion))
+            self.unique_pieces.update(_decode(self.tokenizer, continuation).split(" "))
         self.words.update([words for words in word_lists if len(words) > 3])
 
     def report(self, split: str) -> dict:
