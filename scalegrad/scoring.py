@@ -10,8 +10,10 @@ the JSON (atomically, nothing on an error), :func:`render_scores` the short tabl
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +21,8 @@ from typing import Sequence
 from .errors import UserError
 from .io import write_json
 from .text_metrics import GENERATION_COLUMNS, TextMetricOptions, score_samples
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ScorerInputs", "read_texts", "read_result_file", "read_inputs", "score_files",
            "render_scores"]
@@ -125,12 +129,14 @@ def read_texts(path, kind: str = "generations") -> dict:
     return out
 
 
-def read_result_file(path) -> dict:
+def read_result_file(path, tokenizer=None) -> dict:
     """A driver's ``completion__*.json``: ``continuations`` (a list of texts, or one
     list per sample), ``prefixes`` and ``references`` (``docs/metrics-2022.md``,
     "Result layout"). A file with only ``completions`` (prefix and continuation
-    decoded together, written before issue 17) cannot be split into the two: a
-    :class:`UserError` says so."""
+    decoded together, as the drivers wrote them before) is split with ``tokenizer``
+    (the run's): each completion re-encoded, its first ``pfl`` ids (from the file
+    name) the prefix, the rest the continuation as the drivers extract it; without
+    a tokenizer a :class:`UserError` says so."""
     path = Path(path)
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
@@ -141,9 +147,7 @@ def read_result_file(path) -> dict:
     continuations = result.get("continuations")
     if continuations is None:
         if "completions" in result:
-            raise UserError(f"{path} holds only whole completions (prefix and continuation "
-                            f"decoded together), no continuations: re-run the evaluation "
-                            f"with this version, or score its continuations as a text file")
+            return _split_completions(path, result["completions"], tokenizer)
         raise UserError(f"{path}: not a completion result file (no continuations)")
     if continuations and all(isinstance(c, str) for c in continuations):
         samples = [continuations]
@@ -160,8 +164,33 @@ def read_result_file(path) -> dict:
     return out
 
 
+def _split_completions(path: Path, completions, tokenizer) -> dict:
+    from .metrics import continuation_text, decode_text
+
+    if tokenizer is None:
+        raise UserError(f"{path} holds only whole completions (prefix and continuation "
+                        f"decoded together): give --tokenizer (the run's) to split them, or "
+                        f"re-run the evaluation with this version")
+    match = re.search(r"__pfl_(\d+)__", path.name)
+    if not match:
+        raise UserError(f"{path}: the file name names no prefix length (__pfl_N__) to split "
+                        f"its completions at")
+    if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+        raise UserError(f"{path}: completions must be a list of texts")
+    prefix_length = int(match.group(1))
+    logger.warning("%s has no continuations: each completion re-encoded with the tokenizer "
+                   "and split after %d tokens (re-encoding can shift the split by a token)",
+                   path, prefix_length)
+    prefixes, continuations = [], []
+    for text in completions:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        prefixes.append(decode_text(tokenizer, ids[:prefix_length]))
+        continuations.append(continuation_text(tokenizer, ids, prefix_length))
+    return {"samples": [continuations], "prefixes": prefixes}
+
+
 def read_inputs(generations: Sequence[str], prefixes: str | None = None,
-                references: str | None = None) -> ScorerInputs:
+                references: str | None = None, tokenizer=None) -> ScorerInputs:
     """The scorer's inputs: each ``generations`` file one sample set (a ``.json`` file
     is a driver's completion result), ``prefixes`` / ``references`` files (or those the
     generations file carried); sample sets of different lengths are an error."""
@@ -169,7 +198,8 @@ def read_inputs(generations: Sequence[str], prefixes: str | None = None,
     carried: dict = {}
     for name in generations:
         path = Path(name)
-        part = read_result_file(path) if path.suffix.lower() == ".json" else read_texts(path)
+        part = (read_result_file(path, tokenizer) if path.suffix.lower() == ".json"
+                else read_texts(path))
         samples += part["samples"]
         for key in ("prefixes", "references"):
             if key in part and key not in carried:
@@ -195,13 +225,19 @@ def read_inputs(generations: Sequence[str], prefixes: str | None = None,
 
 def score_files(generations: Sequence[str], output: str | None = None, *,
                 prefixes: str | None = None, references: str | None = None,
-                options: TextMetricOptions | None = None) -> dict:
+                options: TextMetricOptions | None = None, tokenizer: str | None = None) -> dict:
     """Read, score (:func:`scalegrad.text_metrics.score_samples`) and, with ``output``,
-    write the JSON atomically; returns the result (with ``inputs``: the file names)."""
+    write the JSON atomically; returns the result (with ``inputs``: the file names).
+    ``tokenizer`` (a name or folder) splits result files that hold only completions."""
     options = options or TextMetricOptions()
     if output and os.path.isdir(output):
         raise UserError(f"--output {output} is a folder; give a file name")
-    inputs = read_inputs(generations, prefixes, references)
+    loaded = None
+    if tokenizer:
+        from .tokenization import load_tokenizer
+
+        loaded = load_tokenizer(os.path.expanduser(tokenizer))
+    inputs = read_inputs(generations, prefixes, references, loaded)
     result = score_samples(inputs.prefixes, inputs.samples, inputs.references, options)
     result["inputs"] = {"generations": list(map(str, generations)), "prefixes": prefixes,
                         "references": references}
@@ -224,7 +260,8 @@ def _finite(value):
 def _fmt(value, std=None) -> str:
     if value is None:
         return "-"
-    text = str(value) if isinstance(value, int) else f"{value:.3f}"
+    whole = isinstance(value, int) or float(value).is_integer()
+    text = str(int(value)) if whole else f"{value:.3f}"
     return text if std is None else f"{text} +- {std:.3f}"
 
 

@@ -27,7 +27,8 @@ from .errors import UserError
 __all__ = [
     "REP_NS", "GENERATION_COLUMNS", "HUMAN_COLUMNS", "TextMetricOptions", "ngram_counts",
     "rep_n_and_diversity", "generation_length", "word_sequence_metrics", "score_texts",
-    "reference_scores", "summarize_samples", "score_samples",
+    "reference_scores", "summarize_samples", "score_samples", "add_text_metric_arguments",
+    "text_metric_options",
 ]
 
 REP_NS = (2, 3, 4)
@@ -275,3 +276,67 @@ def score_samples(prefixes: Sequence[str] | None, samples: Sequence[Sequence[str
         result["human"] = reference_scores(prefixes, references, options, models=models)
     result["options"] = options.to_dict()
     return result
+
+
+# --------------------------------------------------------------------------- #
+# The command-line flags, one home for the scorer and the drivers
+# --------------------------------------------------------------------------- #
+
+def add_text_metric_arguments(parser, *, scorer_aliases: bool = False):
+    """The flags of :class:`TextMetricOptions` as an argument group of ``parser``
+    (``--featurizer``, ``--max-text-length``, ``--mauve-scaling-factor``,
+    ``--mauve-seed``, ``--coherence-model``, ``--simcse-model``, ``--simcse-pooler``,
+    ``--count-last-ngram``, ``--rep-n-unrounded``, ``--metrics-batch-size``), for the
+    scorer and the drivers alike; ``scorer_aliases`` adds ``--seed``, ``--batch-size``
+    and ``--no-rounding`` (names the drivers use for other things). Read them back
+    with :func:`text_metric_options`."""
+    group = parser.add_argument_group("the 2022 papers' metrics (docs/metrics-2022.md)")
+    group.add_argument("--featurizer", metavar="MODEL",
+                       help="causal LM (hub name or folder) whose features MAUVE compares "
+                            "(the papers: gpt2-large); needs references and the eval extra")
+    group.add_argument("--max-text-length", type=int, default=200,
+                       help="MAUVE: featurizer tokens kept at most per text (default: 200)")
+    group.add_argument("--mauve-scaling-factor", type=float, default=5.0,
+                       help="MAUVE's scaling constant c (default: 5)")
+    seeds = ["--mauve-seed"] + (["--seed"] if scorer_aliases else [])
+    group.add_argument(*seeds, dest="mauve_seed", type=int, default=25,
+                       help="MAUVE's k-means seed (default: 25)")
+    group.add_argument("--coherence-model", metavar="MODEL",
+                       help="evaluator causal LM of the log-prob coherence (the papers: "
+                            "facebook/opt-2.7b); needs prefixes")
+    group.add_argument("--simcse-model", metavar="MODEL",
+                       help="SimCSE encoder of the cosine coherence (the papers: "
+                            "princeton-nlp/sup-simcse-bert-base-uncased); needs prefixes")
+    group.add_argument("--simcse-pooler", choices=["auto", "cls", "cls_before_pooler"],
+                       default="auto", help="SimCSE pooling (default: auto, as SimCSE's tool)")
+    group.add_argument("--count-last-ngram", action="store_true",
+                       help="rep-n counts each text's last n-gram too (simctg does not)")
+    rounding = ["--rep-n-unrounded"] + (["--no-rounding"] if scorer_aliases else [])
+    group.add_argument(*rounding, dest="rep_n_unrounded", action="store_true",
+                       help="rep-n unrounded (simctg rounds to 2 decimals)")
+    batch = ["--metrics-batch-size"] + (["--batch-size"] if scorer_aliases else [])
+    group.add_argument(*batch, dest="metrics_batch_size", type=int, default=8,
+                       help="texts per forward pass of the metrics' models (default: 8)")
+    return group
+
+
+def text_metric_options(args, *, device: str = "cpu") -> TextMetricOptions:
+    """:class:`TextMetricOptions` from :func:`add_text_metric_arguments`' flags; a bad
+    value, or ``--featurizer`` without the eval extra, is a :class:`UserError` (so a
+    command fails before it generates or reads anything)."""
+    for flag, value in (("--max-text-length", args.max_text_length),
+                        ("--metrics-batch-size", args.metrics_batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if not args.mauve_scaling_factor > 0:
+        raise UserError(f"--mauve-scaling-factor must be positive, got {args.mauve_scaling_factor}")
+    if args.featurizer:
+        from .model_metrics import require_mauve
+
+        require_mauve()
+    return TextMetricOptions(
+        count_last_ngram=args.count_last_ngram, round_digits=None if args.rep_n_unrounded else 2,
+        featurizer=args.featurizer, max_text_length=args.max_text_length,
+        mauve_scaling_factor=args.mauve_scaling_factor, seed=args.mauve_seed,
+        coherence_model=args.coherence_model, simcse_model=args.simcse_model,
+        simcse_pooler=args.simcse_pooler, batch_size=args.metrics_batch_size, device=device)

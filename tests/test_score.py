@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scalegrad.metrics import CompletionMetrics
+from scalegrad.metrics import CompletionMetrics, continuation_text
 from scalegrad.model_metrics import logprob_coherence, mauve_score
 from scalegrad.score_cli import main
 from scalegrad.text_metrics import rep_n_and_diversity, score_texts
@@ -54,16 +54,18 @@ def test_one_text_per_line(tmp_path, capsys):
     assert row.split()[1] == f"{result['metrics']['rep-2']:.3f}"
 
 
-def test_scorer_equals_the_drivers_and_reads_result_files(tmp_path, capsys, tiny_tokenizer):
-    """Continuations decoded from ids: the scorer's seq-rep-N / uniq-seq are the drivers'
-    CompletionMetrics numbers; a completion result file with continuations, prefixes
-    and references scores as the three text files do."""
-    prefix_ids = tiny_tokenizer(" The prefix.", add_special_tokens=False)["input_ids"]
+def test_scorer_equals_the_drivers_and_reads_result_files(tmp_path, capsys, caplog,
+                                                          tiny_tokenizer, tiny_tokenizer_dir):
+    """Continuations as the drivers extract them (metrics.continuation_text): the
+    scorer's seq-rep-N / uniq-seq are the drivers' CompletionMetrics numbers; a
+    completion result file with continuations, prefixes and references scores as the
+    three text files do; one with only completions, split with --tokenizer, too."""
+    prefix_ids = tiny_tokenizer(" The prefix", add_special_tokens=False)["input_ids"][:3]
     completions, continuations = [], []
     for text in one_line_texts(21):
         ids = tiny_tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         completions.append(prefix_ids + ids)
-        continuations.append(tiny_tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+        continuations.append(continuation_text(tiny_tokenizer, prefix_ids + ids, len(prefix_ids)))
     driver = CompletionMetrics(tiny_tokenizer, len(prefix_ids))
     driver.update(completions)
     report = driver.report("valid")
@@ -87,6 +89,17 @@ def test_scorer_equals_the_drivers_and_reads_result_files(tmp_path, capsys, tiny
     assert code == 0, err
     b = json.loads((tmp_path / "b.json").read_text())
     assert (b["metrics"], b["human"]) == (a["metrics"], a["human"])
+    old = tmp_path / "completion__tiny__spl_valid__topk_1__topp_0.0__pfl_3__cnl_99.json"
+    old.write_text(json.dumps({"completions": report["completions"], "uniq": report["uniq"]}))
+    assert len(prefix_ids) == 3
+    code, _, err = run(capsys, "--generations", old, "--tokenizer", tiny_tokenizer_dir,
+                       "--output", tmp_path / "c.json")
+    assert code == 0, err
+    assert "re-encoded" in caplog.text  # the warning
+    c = json.loads((tmp_path / "c.json").read_text())
+    for n in range(1, 5):
+        assert c["metrics"][f"seq-rep-{n}"] == a["metrics"][f"seq-rep-{n}"]
+    assert c["metrics"]["rep-4"] == a["metrics"]["rep-4"]
 
 
 def test_several_samples_files_and_jsonl_agree(tmp_path, capsys):
@@ -163,6 +176,9 @@ def test_bad_inputs(tmp_path, capsys, featurizer_dir, monkeypatch):
     old = tmp_path / "completion__m__spl_valid__topk_1__topp_0.0__pfl_5__cnl_5.json"
     old.write_text(json.dumps({"completions": ["a b c"], "uniq": 3}))
     assert "only whole completions" in bad(capsys, tmp_path, "--generations", old)
+    assert "names no prefix length" in bad(capsys, tmp_path, "--generations",
+                                           write_lines(tmp_path / "x.json", ['{"completions": []}']),
+                                           "--tokenizer", featurizer_dir)
     monkeypatch.setitem(sys.modules, "mauve", None)
     err = bad(capsys, tmp_path, "--generations", gens, "--references", refs,
               "--featurizer", featurizer_dir)
@@ -177,3 +193,27 @@ def test_the_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "o.json").read_text())["metrics"]["gen-length"] == \
         pytest.approx(sum(len(t.split()) for t in one_line_texts(8)) / 8)
+
+
+def test_the_flags_one_home_for_the_scorer_and_the_drivers(capsys):
+    """The drivers take the same group of flags (without the scorer's short aliases,
+    whose names they use for other things); a bad value fails before anything runs."""
+    import argparse
+
+    from scalegrad.errors import UserError
+    from scalegrad.text_metrics import add_text_metric_arguments, text_metric_options
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=1)  # a driver's own --seed stays its own
+    parser.add_argument("--batch-size", type=int, default=4)
+    add_text_metric_arguments(parser)
+    args = parser.parse_args(["--seed", "7", "--mauve-seed", "3", "--max-text-length", "64",
+                              "--coherence-model", "m", "--rep-n-unrounded"])
+    options = text_metric_options(args, device="cuda")
+    assert (args.seed, options.seed, options.max_text_length, options.round_digits,
+            options.coherence_model, options.device, options.batch_size) == \
+        (7, 3, 64, None, "m", "cuda", 8)
+    with pytest.raises(UserError, match="--max-text-length must be at least 1"):
+        text_metric_options(parser.parse_args(["--max-text-length", "0"]))
+    code = main(["--generations", "x.txt", "--batch-size", "0"])
+    assert code == 2 and "--metrics-batch-size must be at least 1" in capsys.readouterr().err

@@ -164,3 +164,12 @@ def test_count_mismatch_is_a_user_error():
         score_texts(None, ["x", "y"], ["r"])
     with pytest.raises(UserError, match="references"):
         score_texts(None, ["x", "y"], options=TextMetricOptions(featurizer="gpt2"))
+
+
+def test_the_text_columns_need_no_extra(monkeypatch):
+    import sys
+
+    for name in ("mauve", "faiss", "sklearn"):
+        monkeypatch.setitem(sys.modules, name, None)
+    texts = real_texts(10)
+    assert score_texts(["p"] * 10, texts, texts)["rep-2"] == rep_n_and_diversity(texts)["rep-2"]
