@@ -162,3 +162,18 @@ def test_report_reads_contrastive_and_sample_files(tiny_model_dir, data_base, tm
         sampled["text_metrics"]["std"]["rep-2"])
     assert rows["contrastive, alpha 0.5, top-k 3"].values["diversity"] == pytest.approx(
         contrastive["text_metrics"]["metrics"]["diversity"])
+
+
+def test_mauve_in_the_driver_equals_the_scorer(tiny_model_dir, data_base, tmp_path):
+    pytest.importorskip("mauve")  # the eval extra (in the dev extra: CI has it)
+    path, result = evaluate(data_base, tmp_path / "out", tiny_model_dir, "--top-k", 5,
+                            "--featurizer", tiny_model_dir, "--max-text-length", 16)
+    metrics = result["text_metrics"]
+    assert 0.0 < metrics["metrics"]["mauve"] <= 1.0
+    assert metrics["options"]["featurizer"] == tiny_model_dir
+    from scalegrad.score_cli import main as score_main
+
+    assert score_main(["--generations", path, "--output", str(tmp_path / "s.json"),
+                       "--featurizer", tiny_model_dir, "--max-text-length", "16"]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["metrics"]["mauve"] == pytest.approx(metrics["metrics"]["mauve"])

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--result-format", choices=("original", "gpt2"), default="original",
                       help="gpt2: gpt2_pretrained checkpoints only, results named and shaped like "
                            "run_gpt2.py's (singletoken__*.json, completion__*.json)")
+    from ..text_metrics import add_text_metric_arguments
+
+    add_text_metric_arguments(parser)  # the completions' text_metrics (docs/metrics-2022.md)
     gpt2 = parser.add_argument_group("only with --result-format gpt2")
     gpt2.add_argument("--model-name", default=None,
                       help="name in the file names; default: FOLDER-STEM of each checkpoint")
@@ -131,6 +134,9 @@ def check_args(args) -> None:
              "--topk 0 samples from nothing: give --topk >= 1 or --topp > 0")
     _require(args.singletoken_topk >= 1, f"--singletoken-topk must be >= 1, got {args.singletoken_topk}")
     _require(args.beam_ngram_block >= 0, f"--beam-ngram-block must be >= 0, got {args.beam_ngram_block}")
+    from ..text_metrics import text_metric_options
+
+    text_metric_options(args)  # their flags' values (and the eval extra for --featurizer)
     if args.penalty_alpha is not None:
         from ..generation import check_contrastive
 
@@ -200,6 +206,7 @@ def run_evaluation(args) -> list[str]:
     from .evaluation import completion_pass, single_token_pass
     from .gpt2_results import evaluate_gpt2_format
     from .loading import load_model
+    from ..text_metrics import text_metric_options
     from .results import (completion_text_metrics, filename_suffix, model_name,
                           write_completions, write_single_token_results, write_text_metrics)
 
@@ -246,8 +253,9 @@ def run_evaluation(args) -> list[str]:
                 beam_size=args.beam_size, beam_ngram_block=args.beam_ngram_block,
                 num_samples=args.num_samples, seed=args.seed, penalty_alpha=args.penalty_alpha,
                 progress=progress, references=references)
-            text_metrics = completion_text_metrics(loaded.dictionary, completions, references,
-                                                   args.data_prefix_length)
+            text_metrics = completion_text_metrics(
+                loaded.dictionary, completions, references, args.data_prefix_length,
+                text_metric_options(args, device=str(device)))
         if singletoken:
             single = single_token_pass(
                 loaded, args.data_split, args.batch_size_single_prediction,

@@ -145,6 +145,7 @@ def evaluate_gpt2_format(loaded: LoadedModel, args, output_dir: Path) -> list[st
     """One checkpoint, ``run_gpt2.py``-style files; returns the files written."""
     from ..data import human_continuations
     from ..gpt2.evaluate import completion_report, decoding_record, result_file_content
+    from ..text_metrics import text_metric_options
     from ..tokenization import load_tokenizer
 
     if not loaded.is_gpt2:
@@ -208,7 +209,8 @@ def evaluate_gpt2_format(loaded: LoadedModel, args, output_dir: Path) -> list[st
         report = completion_report(
             tokenizer, [completions], args.data_prefix_length, args.data_split, seeds=[args.seed],
             decoding=decoding, references=human_continuations(chunks, args.data_prefix_length,
-                                                              args.completion_length))
+                                                              args.completion_length),
+            options=text_metric_options(args, device=str(loaded.device)))
         logger.info("completion metrics: %s %s uniq %d", report["bpe_metrics"],
                     report["word_metrics"], report["uniq"])
         path = output_dir / names["completion"]

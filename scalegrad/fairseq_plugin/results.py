@@ -70,14 +70,16 @@ def write_completions(save_path, suffix: str, dictionary, completions) -> str:
                        symbol_lines(dictionary, completions))
 
 
-def completion_text_metrics(dictionary, completions, references, prefix_length: int) -> dict:
+def completion_text_metrics(dictionary, completions, references, prefix_length: int,
+                            options=None) -> dict:
     """The papers' columns of the completions (prefix + continuation ids) and of
-    ``references`` (the true continuation ids), as symbol texts."""
+    ``references`` (the true continuation ids), as symbol texts (``options``: a
+    ``TextMetricOptions``, ``None``: the defaults)."""
     from ..text_metrics import score_samples
 
     prefixes = symbol_lines(dictionary, [row[:prefix_length] for row in completions])
     continuations = symbol_lines(dictionary, [row[prefix_length:] for row in completions])
-    return score_samples(prefixes, [continuations], symbol_lines(dictionary, references))
+    return score_samples(prefixes, [continuations], symbol_lines(dictionary, references), options)
 
 
 def write_text_metrics(save_path, suffix: str, text_metrics: dict) -> str:

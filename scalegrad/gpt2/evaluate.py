@@ -311,10 +311,13 @@ def eval_completion(model, tokenizer, chunks: torch.Tensor, runtime: Runtime, ar
         penalty_alpha=penalty_alpha) for seed in seeds]
     if not runtime.is_main:
         return None
+    from ..text_metrics import text_metric_options
+
     references = human_continuations(chunks, args.prefix_length, args.continuation_length)
     return completion_report(tokenizer, samples, args.prefix_length, args.eval_split, seeds=seeds,
                              decoding=decoding_record(args.top_k, args.top_p, penalty_alpha, seeds),
-                             references=references)
+                             references=references,
+                             options=text_metric_options(args, device=str(runtime.device)))
 
 
 def model_config_dict(model) -> dict:

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
              "(needs wandb: pip install \"scalegrad[tracking]\"; WANDB_MODE=offline works "
              "without a network)")
 
+    # ---- the 2022 papers' metrics of the completions (docs/metrics-2022.md) ----
+    from ..text_metrics import add_text_metric_arguments
+
+    add_text_metric_arguments(parser)
+
     # ---- options that change a quirk of the original (off: the original's behaviour) ----
     add("--enable-dropout", action="store_true",
         help="train with the model in training mode (dropout on); the original leaves it in "
@@ -321,6 +326,9 @@ def _check_decoding(args: argparse.Namespace) -> None:
     """``--penalty-alpha`` and ``--num-samples`` (docs/contrastive-search.md)."""
     from ..generation import check_contrastive, is_greedy
 
+    from ..text_metrics import text_metric_options
+
+    text_metric_options(args)  # their flags' values (and the eval extra for --featurizer)
     if args.penalty_alpha is not None:
         check_contrastive(args.penalty_alpha, args.top_k, args.top_p)
     if args.num_samples is not None:
