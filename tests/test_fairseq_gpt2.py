@@ -615,9 +615,13 @@ def test_report_reads_both_drivers(cross_check, capsys):
     assert report.main([str(fairseq_dir), str(gpt2_dir), "--names", "fairseq", "gpt2",
                         "--format", "csv"]) == 0
     lines = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    # today's columns, then the 2022 papers' (both drivers' files carry text_metrics)
     assert lines[0] == ["run", "model", "split", "decoding", "seq-rep-1", "seq-rep-4", "uniq-seq",
-                        "ppl", "acc", "rep", "wrep", "uniq"]
-    rows = {tuple(line[:4]): line[4:] for line in lines[1:]}
+                        "ppl", "acc", "rep", "wrep", "uniq", "rep-2", "rep-3", "rep-4",
+                        "diversity", "gen-length"]
+    rows = {tuple(line[:4]): line[4:12] for line in lines[1:]}
+    papers = {tuple(line[:4]): line[12:] for line in lines[1:]}
+    assert papers[("fairseq", "tiny", "valid", "greedy")] == papers[("gpt2", "tiny", "valid", "greedy")]
     assert set(rows) == {
         ("fairseq", "tiny", "valid", "greedy"), ("fairseq", "tiny", "valid", "top-k 5"),
         ("fairseq", "tiny", "valid", "beam 3, 2-gram block"), ("gpt2", "tiny", "valid", "greedy"),
