@@ -212,7 +212,7 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
     top_k = min(top_k, logits.size(-1))
     arange = torch.arange(rows, device=logits.device)
     generated = []
-    for _ in range(continuation_length):
+    for step in range(continuation_length):
         logits = logits.float()
         if banned_token is not None and 0 <= banned_token < logits.size(-1):
             logits = logits.clone()
@@ -226,15 +226,16 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
         scores = contrastive_scores(context_hidden, context_mask, candidate_hidden,
                                     candidate_probs, penalty_alpha)
         best = scores.argmax(dim=-1)  # (B,)
-        chosen = arange * top_k + best
-        stepper.reorder(chosen)
         generated.append(candidate_ids.gather(1, best[:, None]))
+        if bar is not None:
+            bar.update(1)
+        if step + 1 == continuation_length:
+            break  # no next step: no cache to keep, no logits, no new context
+        stepper.reorder(arange * top_k + best)
         logits = stepper.next_logits()
         context_hidden = torch.cat([context_hidden, candidate_hidden[arange, best][:, None]], dim=1)
         if context_mask is not None:
             context_mask = torch.cat([context_mask, context_mask.new_ones(rows, 1)], dim=1)
-        if bar is not None:
-            bar.update(1)
     return torch.cat(generated, dim=1)
 
 
