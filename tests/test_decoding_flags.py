@@ -122,7 +122,8 @@ def test_num_samples_seeds_reproduce(tiny_model_dir, data_base, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num-samples", "3"], "greedy decoding (--top-k 1 --top-p 0) gives one continuation"),
+    (["--num-samples", "3"], "greedy decoding (--top-k 1, whatever --top-p"),
+    (["--num-samples", "3", "--top-p", "0.9"], "greedy decoding (--top-k 1, whatever --top-p"),
     (["--num-samples", "0", "--top-k", "5"], "--num-samples must be at least 1"),
     (["--penalty-alpha", "1.5", "--top-k", "4"], "--penalty-alpha must be between 0 and 1"),
     (["--penalty-alpha", "-0.2", "--top-k", "4"], "--penalty-alpha must be between 0 and 1"),
@@ -153,13 +154,15 @@ def test_report_reads_contrastive_and_sample_files(tiny_model_dir, data_base, tm
 
     out = tmp_path / "run"
     _, contrastive = evaluate(data_base, out, tiny_model_dir, "--penalty-alpha", 0.5, "--top-k", 3)
-    _, sampled = evaluate(data_base, out, tiny_model_dir, "--top-p", 0.9, "--num-samples", 2)
+    _, sampled = evaluate(data_base, out, tiny_model_dir, "--top-k", 0, "--top-p", 0.9,
+                          "--num-samples", 2)
     rows = {row.decoding: row for row in collect_rows([out]) if row.run == "run"}
     assert set(rows) == {"contrastive, alpha 0.5, top-k 3", "top-p 0.9, 2 samples"}
     assert rows["top-p 0.9, 2 samples"].values["rep-2"] == pytest.approx(
         sampled["text_metrics"]["metrics"]["rep-2"])
     assert rows["top-p 0.9, 2 samples"].std["rep-2"] == pytest.approx(
         sampled["text_metrics"]["std"]["rep-2"])
+    assert sampled["text_metrics"]["per_sample"][0] != sampled["text_metrics"]["per_sample"][1]
     assert rows["contrastive, alpha 0.5, top-k 3"].values["diversity"] == pytest.approx(
         contrastive["text_metrics"]["metrics"]["diversity"])
 

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
              "so far), the best taken; A in [0, 1] (0: greedy), needs --top-k K > 1 and "
              "--top-p 0. Batched, with the key/value cache (docs/contrastive-search.md)")
     add("--num-samples", type=int, default=None, metavar="N",
-        help="sampling decodings (--top-k / --top-p other than greedy): N continuations per "
+        help="sampling decodings (--top-k K > 1, or --top-k 0 with --top-p): N continuations per "
              "prefix, sample i drawn with seed --seed + i; the result file holds each "
              "sample's metrics and every metric's mean and std over the samples (its name "
              "ends in __samples_N when N > 1). Not given: one sample, as the original")
@@ -324,7 +324,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _check_decoding(args: argparse.Namespace) -> None:
     """``--penalty-alpha`` and ``--num-samples`` (docs/contrastive-search.md)."""
-    from ..generation import check_contrastive, is_greedy
+    from ..generation import check_contrastive
 
     from ..text_metrics import text_metric_options
 
@@ -336,9 +336,10 @@ def _check_decoding(args: argparse.Namespace) -> None:
         _require(args.penalty_alpha is None,
                  "--num-samples draws several samples; contrastive search (--penalty-alpha) is "
                  "deterministic: leave one of them out")
-        _require(not is_greedy(args.top_k, args.top_p),
-                 "--num-samples draws several samples; greedy decoding (--top-k 1 --top-p 0) "
-                 "gives one continuation: sample with --top-k K > 1 or --top-p P > 0")
+        _require(args.top_k != 1,
+                 "--num-samples draws several samples; greedy decoding (--top-k 1, whatever "
+                 "--top-p: it keeps the most likely token only) gives one continuation: sample "
+                 "with --top-k K > 1, or --top-k 0 --top-p P")
         if args.mode == "train":
             raise UserError("--num-samples applies to completion evaluation (--mode "
                             "eval-completion or eval-both), not --mode train")
