@@ -35,6 +35,9 @@ _PUBLIC = {
     "ngram_metrics": ".metrics",
     "NgramMetrics": ".metrics",
     "CompletionMetrics": ".metrics",
+    "TextMetricOptions": ".text_metrics",
+    "score_texts": ".text_metrics",
+    "score_samples": ".text_metrics",
     "candidate_penalty_loss": ".unlikelihood",
     "sequence_penalty_loss": ".unlikelihood",
 }

@@ -156,12 +156,13 @@ def cut_pairs(tokenizer, references: Sequence[str], generations: Sequence[str],
               max_text_length: int) -> tuple[list[list[int]], list[list[int]]]:
     """The featurizer's token ids of each (reference, generation) pair, both cut to the
     shorter one's length and to ``max_text_length`` (Su and Collier's ``parse_text``,
-    on ids: no decoding and re-encoding); pairs with nothing left are dropped."""
+    on ids: no decoding and re-encoding); a pair whose cut generation is empty or only
+    whitespace is dropped, as their ``evaluate_one_instance`` drops it."""
     kept_refs, kept_gens = [], []
     for reference, generation in zip(references, generations):
         ref_ids, gen_ids = _encode(tokenizer, reference), _encode(tokenizer, generation)
         length = min(len(ref_ids), len(gen_ids), max_text_length)
-        if length > 0:
+        if length > 0 and tokenizer.decode(gen_ids[:length]).strip():
             kept_refs.append(ref_ids[:length])
             kept_gens.append(gen_ids[:length])
     return kept_refs, kept_gens
@@ -183,7 +184,7 @@ def mauve_score(references: Sequence[str], generations: Sequence[str], featurize
     if max_text_length < 1:
         raise UserError(f"max_text_length must be at least 1, got {max_text_length}")
     pairs = sum(1 for reference, generation in zip(references, generations)
-                if reference and generation)
+                if reference and generation.strip())
     if pairs < 2:  # before any model is loaded
         raise UserError(f"MAUVE needs at least 2 non-empty generations with references, got "
                         f"{pairs}")

@@ -19,6 +19,10 @@ Two kinds of result files, one table with the columns of the original report,
   predictions; the human row takes seq-rep-N from the targets cut into pieces
   of the completion length, rep from the metrics and uniq-seq / uniq from the
   distinct target tokens.
+
+Completion results that carry ``text_metrics`` add the 2022 papers' columns (rep-2/3/4,
+diversity, gen-length, MAUVE, coherence; mean +- std over samples) and their human
+row: :mod:`scalegrad.report_2022`, ``docs/metrics-2022.md``.
 """
 
 from __future__ import annotations

@@ -76,13 +76,14 @@ def test_features_equal_mauve_texts_own_featurizer(featurizer_dir):
 
 
 def test_cut_pairs_hand_counted(tiny_tokenizer):
-    refs, gens = cut_pairs(tiny_tokenizer, ["one two three four", "", "x y"],
-                           ["a b", "c d", "p q r s t u"], max_text_length=3)
+    refs, gens = cut_pairs(tiny_tokenizer, ["one two three four", "", "x y", "r s"],
+                           ["a b", "c d", "p q r s t u", "\n\n  "], max_text_length=3)
     enc = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in
            ("one two three four", "a b", "x y", "p q r s t u")]
     m0 = min(len(enc[0]), len(enc[1]), 3)
     m2 = min(len(enc[2]), len(enc[3]), 3)
-    assert refs == [enc[0][:m0], enc[2][:m2]]  # the empty reference's pair dropped
+    # The empty reference's pair and the whitespace generation's pair dropped.
+    assert refs == [enc[0][:m0], enc[2][:m2]]
     assert gens == [enc[1][:m0], enc[3][:m2]]
 
 
