@@ -43,7 +43,8 @@ SINGLETOKEN_RE = re.compile(
     r"^singletoken__(?P<model>.+?)__spl_(?P<split>[^_]+)__bsz_(?P<bsz>\d+)(?:_(?P<step>\d+))?\.json$")
 COMPLETION_RE = re.compile(
     r"^completion__(?P<model>.+?)__spl_(?P<split>[^_]+)__topk_(?P<topk>[^_]+)__topp_(?P<topp>[^_]+)"
-    r"__pfl_(?P<pfl>\d+)__cnl_(?P<cnl>\d+)(?:__beam_(?P<beam>\d+)__ngb_(?P<ngb>\d+))?\.json$")
+    r"__pfl_(?P<pfl>\d+)__cnl_(?P<cnl>\d+)(?:__beam_(?P<beam>\d+)__ngb_(?P<ngb>\d+))?"
+    r"(?:__alpha_(?P<alpha>[^_]+))?(?:__samples_(?P<samples>\d+))?\.json$")
 
 
 @dataclass
@@ -76,7 +77,12 @@ def _read_result(path: Path, *parts: str) -> dict:
     return result
 
 
-def _decoding_name(topk: str, topp: str, beam: str | None = None, ngram_block: str | None = None) -> str:
+def _decoding_name(topk: str, topp: str, beam: str | None = None, ngram_block: str | None = None,
+                   alpha: str | None = None, samples: str | None = None) -> str:
+    if alpha is not None:  # --penalty-alpha: contrastive search (docs/contrastive-search.md)
+        return f"contrastive, alpha {alpha}, top-k {topk}"
+    if samples is not None and int(samples) > 1:  # --num-samples
+        return f"{_decoding_name(topk, topp, beam, ngram_block)}, {samples} samples"
     if beam is not None and int(beam) > 1:  # evaluate_fairseq.py's beam search
         block = f", {ngram_block}-gram block" if ngram_block and int(ngram_block) > 0 else ""
         return f"beam {beam}{block}"
@@ -139,7 +145,8 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
         keys_done = set()
         for m, result in completions:
             key = (m["model"], m["split"])
-            row = Row(run_name, m["model"], m["split"], _decoding_name(m["topk"], m["topp"], m["beam"], m["ngb"]))
+            row = Row(run_name, m["model"], m["split"], _decoding_name(m["topk"], m["topp"], m["beam"], m["ngb"],
+                                                                m["alpha"], m["samples"]))
             row.values.update(completion_values(result, m["split"], view))
             text_values, row.std = text_metric_values(result)  # docs/metrics-2022.md
             row.values.update(text_values)
@@ -232,7 +239,7 @@ def original_file_metrics(path: Path, kind: str, settings: dict) -> dict:
     return {f"{split}/num_uniq_singletok": len({t for tokens in _lines(path) for t in tokens})}
 
 
-SHOWN_SETTINGS = {"model_name", "st", "spl", "tpk", "tpp", "bms", "bnb"}
+SHOWN_SETTINGS = {"model_name", "st", "spl", "tpk", "tpp", "bms", "bnb", "alpha"}
 
 
 def collect_original_rows(eval_dirs, model_names=None, *, human: bool = True) -> list[Row]:
@@ -277,7 +284,8 @@ def collect_original_rows(eval_dirs, model_names=None, *, human: bool = True) ->
             settings = dict(key)
             split = settings.get("spl")
             decoding = _decoding_name(str(settings.get("tpk", 1)), str(settings.get("tpp", 0.0)),
-                                      str(settings.get("bms", 1)), str(settings.get("bnb", 0)))
+                                      str(settings.get("bms", 1)), str(settings.get("bnb", 0)),
+                                      None if "alpha" not in settings else str(settings["alpha"]))
             label = "; ".join([f"step {settings.get('st')}"] + [f"{k} {settings.get(k)}" for k in varying])
             rows.append(Row(name, f"{settings['model_name']} ({label})", str(split),
                             decoding, original_values(values, split), source="original"))

@@ -47,9 +47,10 @@ fi
 echo "setup: installing scalegrad and its dependencies (the first fairseq build takes a few minutes)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[fairseq,dev]"
 
-# Test oracles (docs/metrics-2022.md, docs/objectives.md): simctg 0.7 pins 'sklearn' (a
-# name pip refuses) and sacrebleu==1.4.10; its evaluation and loss code need neither,
-# so it goes in without dependencies.
+# Test oracles (docs/metrics-2022.md, docs/objectives.md, docs/contrastive-search.md):
+# simctg 0.7 (rep-n / diversity, ranking_fast, SimCTGLoss) pins 'sklearn' (a name pip
+# refuses) and sacrebleu==1.4.10; the modules the tests use need neither, so it goes in
+# without dependencies.
 "${PIP[@]}" install -q --no-deps "simctg==0.7"
 
 # The Triton kernel's tests run in Triton's CPU interpreter, which needs triton >= 3.9

@@ -477,7 +477,7 @@ def repeated_ngrams_in_continuation(completion, n):
 
 @pytest.mark.slow
 def test_beam_search_through_fairseqs_generator(loaded):
-    prefixes, per_chunk = completion_prefixes(loaded, "valid", 64, P)
+    prefixes, per_chunk, _ = completion_prefixes(loaded, "valid", 64, P)
     prefixes = prefixes[:24]
     kwargs = dict(continuation_length=C, batch_size=per_chunk, progress=False)
     greedy = sampled_completions(loaded, prefixes, top_k=1, top_p=0.0, seed=0, **kwargs)
@@ -615,9 +615,13 @@ def test_report_reads_both_drivers(cross_check, capsys):
     assert report.main([str(fairseq_dir), str(gpt2_dir), "--names", "fairseq", "gpt2",
                         "--format", "csv"]) == 0
     lines = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    # today's columns, then the 2022 papers' (both drivers' files carry text_metrics)
     assert lines[0] == ["run", "model", "split", "decoding", "seq-rep-1", "seq-rep-4", "uniq-seq",
-                        "ppl", "acc", "rep", "wrep", "uniq"]
-    rows = {tuple(line[:4]): line[4:] for line in lines[1:]}
+                        "ppl", "acc", "rep", "wrep", "uniq", "rep-2", "rep-3", "rep-4",
+                        "diversity", "gen-length"]
+    rows = {tuple(line[:4]): line[4:12] for line in lines[1:]}
+    papers = {tuple(line[:4]): line[12:] for line in lines[1:]}
+    assert papers[("fairseq", "tiny", "valid", "greedy")] == papers[("gpt2", "tiny", "valid", "greedy")]
     assert set(rows) == {
         ("fairseq", "tiny", "valid", "greedy"), ("fairseq", "tiny", "valid", "top-k 5"),
         ("fairseq", "tiny", "valid", "beam 3, 2-gram block"), ("gpt2", "tiny", "valid", "greedy"),
