@@ -9,7 +9,8 @@ top of torch and transformers, no compiler. Extras:
 - ``triton``: Triton, for the optional Triton kernel.
 - ``tracking``: TensorBoard and Weights & Biases, for the GPT-2 driver's
   ``--tensorboard-logdir`` and ``--wandb-project``.
-- ``dev``: the test tools, plus accelerate, TRL and PEFT for the Trainer tests.
+- ``dev``: the test tools, plus accelerate, TRL and PEFT for the Trainer tests, and
+  MkDocs (Material, mkdocstrings) for the documentation site (``make docs``).
 
 ``bash scripts/setup_env.sh`` (``make setup``) installs everything into .venv: it
 installs torch first and on its own, keeps a torch that is already there (a CUDA
@@ -61,9 +62,12 @@ setup(
         # viewer; tensorboardX also works) and --wandb-project.
         "tracking": ["tensorboard", "wandb"],
         # accelerate: what transformers.Trainer needs; trl, peft: the SFTTrainer and
-        # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests.
+        # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests;
+        # mkdocs and its theme and API plugin: the documentation site, which
+        # tests/test_docs.py builds with --strict.
         "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft",
-                "tensorboard", "wandb"],
+                "tensorboard", "wandb", "mkdocs>=1.6", "mkdocs-material>=9.5",
+                "mkdocstrings>=0.26", "mkdocstrings-python>=1.10"],
     },
     # Commands on the PATH; the scripts/ files run the same functions.
     entry_points={
