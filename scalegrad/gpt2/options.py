@@ -26,7 +26,7 @@ from ..errors import UserError
 MODES = ("train", "eval-singletoken", "eval-completion", "eval-both")
 SPLIT_CHOICES = ("train", "valid", "test")
 
-#: The original's parser defaults, for the README and the tests.
+#: The original's parser defaults, for docs/gpt2-driver.md and the tests.
 ORIGINAL_DEFAULTS = {
     "mode": "eval-singletoken", "eval_split": None, "model_name": "gpt2-medium",
     "model_load_dir": None, "seed": 42, "data_base": None, "num_train_epochs": 1,
