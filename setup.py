@@ -64,10 +64,11 @@ setup(
         # accelerate: what transformers.Trainer needs; trl, peft: the SFTTrainer and
         # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests;
         # mkdocs and its theme and API plugin: the documentation site, which
-        # tests/test_docs.py builds with --strict.
+        # tests/test_docs.py builds with --strict (ruff: mkdocstrings wraps long
+        # signatures with it).
         "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft",
                 "tensorboard", "wandb", "mkdocs>=1.6", "mkdocs-material>=9.5",
-                "mkdocstrings>=0.26", "mkdocstrings-python>=1.10"],
+                "mkdocstrings>=0.26", "mkdocstrings-python>=1.10", "ruff"],
     },
     # Commands on the PATH; the scripts/ files run the same functions.
     entry_points={
