@@ -288,6 +288,11 @@ def test_site_builds_strictly(tmp_path):
     # mkdocstrings rendered the docstrings (a signature, not a bare ::: line)
     api = (built / "api" / "losses.html").read_text(encoding="utf-8")
     assert "scalegrad_loss" in api and "ignore_index" in api and ":::" not in api
+    # mkdocs_hooks.py: the front page is README.md, its links into docs/ made site links
+    front = (built / "index.html").read_text(encoding="utf-8")
+    links = re.findall(r'href="([^"]*)"', front)
+    assert "make demo" in front and "gpt2-driver.html" in links
+    assert not [link for link in links if link.startswith("docs/")]
     # mkdocs_hooks.py: the docstrings' reStructuredText roles render as plain code spans
     assert ":func:" not in api and ":mod:" not in api
 
