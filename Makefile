@@ -1,7 +1,7 @@
 # The README's Quickstart. Each target sets up .venv/ first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-fairseq test bench
+.PHONY: setup demo demo-fairseq test bench docs docs-serve
 setup:
 	bash scripts/setup_env.sh
 
@@ -18,3 +18,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run.py
+
+# The documentation site (mkdocs.yml, docs/): built into site/ (open site/index.html), or
+# served with live reload on http://127.0.0.1:8000.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve

@@ -11,7 +11,9 @@ top of torch and transformers, no compiler. Extras:
   ``--tensorboard-logdir`` and ``--wandb-project``.
 - ``eval``: mauve-text, faiss-cpu and scikit-learn, for MAUVE (``scalegrad-score
   --featurizer``; ``docs/metrics-2022.md``).
-- ``dev``: the test tools, the eval extra's packages, plus accelerate, TRL and PEFT for the Trainer tests.
+- ``dev``: the test tools, the eval extra's packages, plus accelerate, TRL and PEFT for
+  the Trainer tests, and MkDocs (Material, mkdocstrings) for the documentation site
+  (``make docs``).
 
 ``bash scripts/setup_env.sh`` (``make setup``) installs everything into .venv: it
 installs torch first and on its own, keeps a torch that is already there (a CUDA
@@ -69,10 +71,13 @@ setup(
         # the log-prob and SimCSE coherence need only the core.
         "eval": ["mauve-text>=0.4", "faiss-cpu", "scikit-learn"],
         # The eval extra's packages are also the MAUVE tests' oracle; simctg==0.7 (the
-        # rep-n oracle) is installed with --no-deps by scripts/setup_env.sh.
+        # rep-n oracle) is installed with --no-deps by scripts/setup_env.sh. mkdocs and
+        # its theme and API plugin: the documentation site, which tests/test_docs.py
+        # builds with --strict (ruff: mkdocstrings wraps long signatures with it).
         "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft",
                 "tensorboard", "wandb", "mauve-text>=0.4", "faiss-cpu", "scikit-learn",
-                "ct-loss==0.0.3"],
+                "ct-loss==0.0.3", "mkdocs>=1.6", "mkdocs-material>=9.5",
+                "mkdocstrings>=0.26", "mkdocstrings-python>=1.10", "ruff"],
     },
     # Commands on the PATH; the scripts/ files run the same functions.
     entry_points={

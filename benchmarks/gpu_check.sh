@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check: CUDA paths of the loss (the Triton kernels where Triton imports),
 # then the benchmark suites on the GPU.
-# Run on a lent GPU machine (see README, "Benchmarks"); results land in $OUT.
+# Run on a lent GPU machine (see docs/benchmarks.md); results land in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 SCALEGRAD_SKIP_FAIRSEQ=1
 OUT=${OUT:-benchmarks/results}
@@ -34,7 +34,7 @@ assert abs(f.item() - p.item()) / p.item() < 1e-5
 PY
 python benchmarks/run.py --device cuda 2>&1 | grep -v "^\[transformers\]"
 # The Triton kernels against the torch path, PyTorch's and Liger-Kernel's cross-entropy.
-# Liger-Kernel travels as a wheel in .whl/ (the GPU machine has no registry; see README).
+# Liger-Kernel travels as a wheel in .whl/ (the GPU machine has no registry; see docs/benchmarks.md).
 if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
     python -m pip install -q --no-index --no-deps --no-compile --target /tmp/liger .whl/liger_kernel-*.whl \
         && export PYTHONPATH=/tmp/liger${PYTHONPATH:+:$PYTHONPATH}

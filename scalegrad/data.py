@@ -307,7 +307,7 @@ def write_fairseq_data_bin(splits: Mapping[str, torch.Tensor], dest_dir: str | o
     """
     if not fairseq_available():
         raise UserError("--fairseq-data-bin needs fairseq, which is not installed here; "
-                        "install it (see README) or drop the option")
+                        "install it (see docs/install.md) or drop the option")
     if ids_per_line < 1:
         raise UserError(f"ids per line must be at least 1, got {ids_per_line}")
     missing = [s for s in SPLITS if s not in splits]

@@ -11,7 +11,7 @@ metrics of one split, in files named with the original's suffix.
 
 Any fairseq language model works (transformer_lm, transformer_lm_ul,
 gpt2_pretrained, ...); ``--result-format gpt2`` writes a gpt2_pretrained
-checkpoint's results named like run_gpt2.py's instead. See the README (fairseq).
+checkpoint's results named like run_gpt2.py's instead. See docs/fairseq.md.
 Installed, the same command is ``scalegrad-evaluate-fairseq``; the logic lives in
 ``scalegrad.fairseq_plugin.eval_cli``.
 """

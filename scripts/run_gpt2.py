@@ -6,8 +6,8 @@
     python scripts/run_gpt2.py --mode eval-both --data-base DIR --output-dir OUT \
         --eval-split test --model-load-dir OUT/best
 
-Run it under ``torchrun --nproc_per_node N`` for data parallel training. See the
-README (GPT-2 driver) for every flag, the output files and the differences from
+Run it under ``torchrun --nproc_per_node N`` for data parallel training. See
+docs/gpt2-driver.md for every flag, the output files and the differences from
 the original. The command line is ``scalegrad.gpt2.run_gpt2.main``, which the
 package also carries as ``gpt2/run_gpt2.py`` for the original's install-by-copy.
 """

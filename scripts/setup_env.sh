@@ -2,7 +2,7 @@
 # Create or update .venv/ with everything scalegrad needs, fairseq and the test
 # tools included (pip install -e ".[fairseq,dev]"). Idempotent: a second run with
 # nothing changed returns in about a second. The light core alone is a plain
-# `pip install .` into an environment that has torch (see the README).
+# `pip install .` into an environment that has torch (see docs/install.md).
 #
 #   PYTHON=python3.10 bash scripts/setup_env.sh      # another interpreter (3.10 to 3.13)
 #   SCALEGRAD_TORCH_SPEC='torch==2.5.1' bash ...      # another torch

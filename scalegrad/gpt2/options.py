@@ -29,7 +29,7 @@ MODES = ("train", "eval-singletoken", "eval-completion", "eval-both")
 OBJECTIVE_CHOICES = ("scalegrad", "contrastive_token", "simctg")
 SPLIT_CHOICES = ("train", "valid", "test")
 
-#: The original's parser defaults, for the README and the tests.
+#: The original's parser defaults, for docs/gpt2-driver.md and the tests.
 ORIGINAL_DEFAULTS = {
     "mode": "eval-singletoken", "eval_split": None, "model_name": "gpt2-medium",
     "model_load_dir": None, "seed": 42, "data_base": None, "num_train_epochs": 1,

@@ -23,7 +23,7 @@ imported from it.
 
 Metrics and the paths of the result files go to standard output, as the
 original printed them; progress, training reports and warnings go to the log
-(standard error). See the README (GPT-2 driver) for the flags and the files.
+(standard error). See docs/gpt2-driver.md for the flags and the files.
 """
 
 import importlib
