@@ -37,6 +37,8 @@ SCRIPTS = {
     "demo": "scripts/demo.py",
     "benchmarks/run": "benchmarks/run.py",
     "benchmarks/triton_bench": "benchmarks/triton_bench.py",
+    "score_generations": "scripts/score_generations.py",
+    "benchmarks/contrastive_search": "benchmarks/contrastive_search.py",
 }
 CONSOLE_SCRIPTS = {
     "scalegrad-run-gpt2": "run_gpt2",
@@ -44,12 +46,15 @@ CONSOLE_SCRIPTS = {
     "scalegrad-report": "report_metrics",
     "scalegrad-evaluate-fairseq": "evaluate_fairseq",
     "scalegrad-export-hf": "export_fairseq_to_hf",
+    "scalegrad-score": "score_generations",
 }
 # The pages that together document each flag of a command (a flag documented on its own
 # page, say docs/objectives.md, adds that page here).
 FLAG_PAGES = {
-    "run_gpt2": ("docs/gpt2-driver.md",),
-    "evaluate_fairseq": ("docs/fairseq.md",),
+    "run_gpt2": ("docs/gpt2-driver.md", "docs/objectives.md", "docs/contrastive-search.md",
+                 "docs/metrics-2022.md"),
+    "evaluate_fairseq": ("docs/fairseq.md", "docs/contrastive-search.md", "docs/metrics-2022.md"),
+    "score_generations": ("docs/metrics-2022.md",),
     "prepare_data": ("docs/data.md",),
     "report_metrics": ("docs/reports.md",),
     "export_fairseq_to_hf": ("docs/fairseq.md",),
