@@ -4,15 +4,20 @@ fairseq criterion, for any task whose samples have targets.
 ``--fused-loss`` computes the loss from the final hidden states and the output
 embedding (:func:`scalegrad.fused.fused_linear_scalegrad_loss`), a chunk of
 positions at a time, so the ``(batch, time, vocab)`` logits never exist at once.
-Only ``--arch gpt2_pretrained`` allows it (and only when its Hugging Face model's
-logits are the hidden states times the output embedding, checked once on the
-first batch); with any other model the criterion logs one warning and uses the
-full logits, as without the option. The criterion cannot see the model when it
-is built, so this is decided at the first batch rather than at build time.
+It applies to ``--arch gpt2_pretrained`` (when its Hugging Face model's logits are
+the hidden states times the output embedding) and to fairseq's transformer
+language models (``transformer_lm``, ``transformer_lm_ul``, ...: the decoder's
+``output_projection`` over the features ``features_only=True`` returns), each
+checked once on the first batch; with an adaptive softmax it is refused (one
+``error:`` line, exit 2: drop one of the two); with any other model the criterion
+logs one warning and uses the full logits, as without the option. The criterion
+cannot see the model when it is built, so this is decided at the first batch
+rather than at build time. See docs/large-vocabularies.md.
 """
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -57,9 +62,10 @@ class ScaleGradCriterionConfig(FairseqDataclass):
         metadata={
             "help": "compute the loss from the final hidden states and the output embedding, "
             "--fused-chunk-size positions at a time, without the full (batch, time, vocab) "
-            "logits (the same loss and gradients). Only --arch gpt2_pretrained allows it; "
-            "with another model the criterion warns once and uses the logits. nll_loss and "
-            "the token metrics come from the same chunks of logits"
+            "logits (the same loss and gradients). --arch gpt2_pretrained and fairseq's "
+            "transformer language models (transformer_lm, transformer_lm_ul) allow it; not with "
+            "an adaptive softmax; with another model the criterion warns once and uses the "
+            "logits. nll_loss and the token metrics come from the same chunks of logits"
         },
     )
     fused_chunk_size: int = field(
@@ -70,6 +76,32 @@ class ScaleGradCriterionConfig(FairseqDataclass):
 
 
 logger = logging.getLogger(__name__)
+
+
+def _output_projection(inner):
+    """``(weight, bias)`` with logits ``features @ weight.T (+ bias)``."""
+    if hasattr(inner, "output_projection") and callable(inner.output_projection):  # gpt2_pretrained
+        return inner.output_projection()
+    projection = inner.decoder.output_projection
+    return projection.weight, projection.bias
+
+
+@torch.no_grad()
+def _check_decoder_projection(model, decoder, tokens):
+    """None when a fairseq decoder's logits are its output projection over the features
+    ``features_only=True`` returns (evaluation mode, on ``tokens``), else why not."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(tokens, features_only=False)[0]
+        features = model(tokens, features_only=True)[0]
+    finally:
+        model.train(was_training)
+    projection = decoder.output_projection
+    if features.shape[-1] != projection.in_features or not torch.allclose(
+            projection(features), logits, rtol=1e-5, atol=1e-5):
+        return "its logits are not the decoder's output projection of its features"
+    return None
 
 
 @register_criterion("scalegrad", dataclass=ScaleGradCriterionConfig)
@@ -104,20 +136,30 @@ class ScaleGradCriterion(FairseqCriterion):
         self.metrics_schedule = TokenMetricsSchedule(compute_metrics_interval)
 
     def _fused_model_of(self, model, sample):
-        """The (unwrapped) ``gpt2_pretrained`` model when ``--fused-loss`` applies to
-        ``model``, else None (with one warning per model)."""
+        """The (unwrapped) model when ``--fused-loss`` applies to ``model``, else None
+        (with one warning per model)."""
         inner = unwrap(model)
         if inner is not self._fused_model:
             from ..models.gpt2_pretrained import GPT2PretrainedModel
 
             reason = None
-            if not isinstance(inner, GPT2PretrainedModel):
-                reason = f"the model is {type(inner).__name__}, not --arch gpt2_pretrained"
-            else:
+            tokens = sample["net_input"]["src_tokens"][:1, :16]
+            decoder = getattr(inner, "decoder", None)
+            if getattr(decoder, "adaptive_softmax", None) is not None:
+                print("error: --fused-loss (criterion.fused_loss) cannot be used with an adaptive softmax "
+                      "(--adaptive-softmax-cutoff): its output is not one projection of the features; drop "
+                      "--fused-loss or the adaptive softmax", file=sys.stderr, flush=True)
+                raise SystemExit(2)
+            if isinstance(inner, GPT2PretrainedModel):
                 try:
-                    inner.check_output_projection(sample["net_input"]["src_tokens"][:1, :16])
+                    inner.check_output_projection(tokens)
                 except ValueError as exc:
                     reason = f"its Hugging Face model does not allow it: {exc}"
+            elif isinstance(getattr(decoder, "output_projection", None), torch.nn.Linear):
+                reason = _check_decoder_projection(inner, decoder, tokens)
+            else:
+                reason = (f"the model is {type(inner).__name__}, neither --arch gpt2_pretrained nor a "
+                          f"transformer language model with an output projection")
             if reason is not None:
                 logger.warning("--fused-loss (criterion.fused_loss) ignored: %s; the loss is "
                                "computed from the full logits", reason)
@@ -156,7 +198,7 @@ class ScaleGradCriterion(FairseqCriterion):
         target = sample["target"]
         # Under torch.no_grad() (validation) fused_linear_scalegrad_loss skips its
         # gradient work itself.
-        weight, bias = inner.output_projection()
+        weight, bias = _output_projection(inner)
         # One pass: nll and ranks come from the logits the loss is computed from.
         loss, stats = fused_linear_scalegrad_loss(
             hidden, weight, target, self.gamma, bias=bias, ignore_index=self.padding_idx,
