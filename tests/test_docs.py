@@ -39,6 +39,7 @@ SCRIPTS = {
     "benchmarks/triton_bench": "benchmarks/triton_bench.py",
     "score_generations": "scripts/score_generations.py",
     "benchmarks/contrastive_search": "benchmarks/contrastive_search.py",
+    "benchmarks/large_vocab": "benchmarks/large_vocab.py",
 }
 CONSOLE_SCRIPTS = {
     "scalegrad-run-gpt2": "run_gpt2",

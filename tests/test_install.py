@@ -73,7 +73,8 @@ def test_import_is_quiet_light_and_fast():
 
 
 def test_public_api_is_importable_from_the_root():
-    from scalegrad import contrastive, fused, hf_patch, hf_trainer, losses, metrics, unlikelihood
+    from scalegrad import (contrastive, fused, hf_patch, hf_trainer, losses, metrics, text_metrics,
+                           unlikelihood)
 
     homes = {"scalegrad_loss": losses, "check_gamma": losses, "fused_linear_scalegrad_loss": fused,
              "ScaleGradLoss": hf_trainer, "scalegrad_trainer": hf_trainer, "ranking_metrics": metrics,
@@ -84,7 +85,9 @@ def test_public_api_is_importable_from_the_root():
              "ContrastiveTokenLoss": hf_trainer, "SimCTGLoss": hf_trainer,
              "simctg_trainer": hf_trainer, "apply_scalegrad": hf_patch,
              "remove_scalegrad": hf_patch, "scalegrad_patched": hf_patch,
-             "apply_contrastive_token": hf_patch}
+             "apply_contrastive_token": hf_patch, "GammaAboveOneWarning": losses,
+             "score_texts": text_metrics, "score_samples": text_metrics,
+             "TextMetricOptions": text_metrics}
     for name, module in homes.items():
         assert getattr(scalegrad, name) is getattr(module, name), name
         assert name in scalegrad.__all__ and name in dir(scalegrad)
