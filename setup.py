@@ -61,9 +61,11 @@ setup(
         # viewer; tensorboardX also works) and --wandb-project.
         "tracking": ["tensorboard", "wandb"],
         # accelerate: what transformers.Trainer needs; trl, peft: the SFTTrainer and
-        # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests.
+        # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests;
+        # ct-loss: the published contrastive-token loss, the oracle of its tests
+        # (simctg, the other oracle, pins sklearn: scripts/setup_env.sh adds it --no-deps).
         "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft",
-                "tensorboard", "wandb"],
+                "tensorboard", "wandb", "ct-loss==0.0.3"],
     },
     # Commands on the PATH; the scripts/ files run the same functions.
     entry_points={

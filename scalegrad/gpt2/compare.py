@@ -50,11 +50,16 @@ SECTIONS = ("output_dir", "data", "model", "common", "pretrain", "finetune", "ob
 #: Objective kinds: the run_gpt2.py flags each one must be given, the values it fixes,
 #: and a short description for the table (``{flag}`` fields filled from its flags).
 OBJECTIVE_KINDS = {
-    "mle": {"required": (), "fixed": {"gamma": 1.0}, "label": "MLE"},
-    "scalegrad": {"required": ("gamma",), "fixed": {}, "label": "ScaleGrad gamma {gamma}"},
-    "token-ul": {"required": ("rank_alpha",), "fixed": {}, "label": "token UL alpha {rank_alpha}"},
+    "mle": {"required": (), "fixed": {"objective": "scalegrad", "gamma": 1.0}, "label": "MLE"},
+    "scalegrad": {"required": ("gamma",), "fixed": {"objective": "scalegrad"},
+                  "label": "ScaleGrad gamma {gamma}"},
+    "token-ul": {"required": ("rank_alpha",), "fixed": {"objective": "candidate_penalty_cross_entropy"},
+                 "label": "token UL alpha {rank_alpha}"},
     "sequence-ul": {"required": ("sequence_tune_rate",), "fixed": {},
                     "label": "sequence UL rate {sequence_tune_rate}"},
+    "contrastive-token": {"required": (), "fixed": {"objective": "contrastive_token"},
+                          "label": "CT ct_length {ct_length}, negatives {ct_preced_m_negatives}"},
+    "simctg": {"required": (), "fixed": {"objective": "simctg"}, "label": "SimCTG margin {simctg_margin}"},
 }
 
 #: Decoding kinds: the completion flags each one must be given and those it fixes.

@@ -45,9 +45,14 @@ def completion_filename(args) -> str:
 
 
 def write_singletoken_result(directory, args, metrics: dict, config: dict,
-                             step: int | None = None) -> Path:
+                             step: int | None = None, objective: dict | None = None) -> Path:
+    """The original's ``{"metrics", "config"}``; validations while training add
+    ``"objective"``: the training objective and its parameters (``docs/objectives.md``)."""
     path = Path(directory) / singletoken_filename(args, step)
-    write_json(path, {"metrics": metrics, "config": config})
+    content = {"metrics": metrics, "config": config}
+    if objective is not None:
+        content["objective"] = objective
+    write_json(path, content)
     logger.info("single-token metrics written to %s", path)
     return path
 

@@ -3,11 +3,14 @@ sections 5 and 7): the loss to back-propagate and the chunk's logging output.
 
 - :func:`token_loss`: the ScaleGrad loss from the model's logits
   (:func:`scalegrad.losses.scalegrad_loss`);
-- :func:`token_unlikelihood_loss` (``--rank-alpha``): token-level unlikelihood, NLL plus
+- :func:`token_unlikelihood_loss` (``--objective candidate_penalty_cross_entropy``): token-level unlikelihood, NLL plus
   alpha times the candidate penalty (:func:`scalegrad.unlikelihood.candidate_penalty_loss`);
 - :func:`fused_token_loss` (``--fused-loss``): the same loss from the last hidden
   state and the output embedding (:func:`scalegrad.fused.fused_linear_scalegrad_loss`),
   its metrics from the same chunks of logits (one pass);
+- :func:`contrastive_token_step` and :func:`simctg_step` (``--objective
+  contrastive_token`` / ``simctg``, ``docs/objectives.md``): cross-entropy plus the
+  contrastive-token term, or plus SimCTG's margin loss on the last hidden states;
 - :func:`sequence_loss` (``--sequence-tune-rate``): sequence-level unlikelihood of
   continuations generated without gradients by the shared decoding loop
   (:func:`scalegrad.generation.generate_continuations`), scored in one forward pass.
@@ -20,9 +23,12 @@ averages every step's gradients, whatever the objective.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from ..contrastive import contrastive_token_loss, simctg_contrastive_loss
 from ..data import make_prefixes
 from ..errors import UserError
 from ..fused import fused_linear_scalegrad_loss
@@ -35,11 +41,41 @@ from ..unlikelihood import candidate_penalty_loss, ngram_repeat_mask, sequence_p
 from .evaluate import chunk_logging_output
 from .runtime import Runtime
 
-__all__ = ["StepModel", "token_loss", "token_unlikelihood_loss", "fused_token_loss", "sequence_loss", "check_fused_model",
-           "training_report", "OBJECTIVES"]
+__all__ = ["StepModel", "token_loss", "token_unlikelihood_loss", "fused_token_loss",
+           "contrastive_token_step", "simctg_step",
+           "sequence_loss", "check_fused_model", "training_report", "objective_description",
+           "token_step_kind", "OBJECTIVES"]
 
 #: The kinds of step :meth:`StepModel.forward` runs.
-OBJECTIVES = ("token", "fused", "sequence")
+OBJECTIVES = ("token", "fused", "candidate_penalty_cross_entropy", "contrastive_token", "simctg",
+              "sequence")
+
+#: The terms of the contrastive objectives' logging outputs (sums over the chunk's tokens).
+CONTRASTIVE_TERMS = ("ct_loss", "simctg_loss")
+
+
+def token_step_kind(args) -> str:
+    """The step kind of ``--objective`` (and ``--fused-loss``) for the token-level steps."""
+    if args.objective == "scalegrad":
+        return "fused" if args.fused_loss else "token"
+    return args.objective
+
+
+def objective_description(args) -> dict:
+    """Which objective and parameters train the model, as the result files record it."""
+    if args.objective == "contrastive_token":
+        described = {"name": "contrastive_token", "ct_length": args.ct_length,
+                     "preced_m_negatives": args.ct_preced_m_negatives}
+    elif args.objective == "simctg":
+        described = {"name": "simctg", "margin": args.simctg_margin}
+    elif args.objective == "candidate_penalty_cross_entropy":
+        described = {"name": "candidate_penalty_cross_entropy", "rank_alpha": args.rank_alpha}
+    else:
+        described = {"name": "scalegrad", "gamma": args.gamma}
+    described["sequence_tune_rate"] = args.sequence_tune_rate
+    if args.sequence_tune_rate > 0:
+        described["sequence_ngram_n"] = args.sequence_ngram_n
+    return described
 
 
 def token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime):
@@ -100,6 +136,42 @@ def fused_token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime,
     return loss / ntokens, logging_output
 
 
+def _cross_entropy_plus(logits, target, term, name: str):
+    """``(CE mean + term, logging_output)`` of one chunk: the logging output's ``loss`` is
+    the sum ``CE + term x n`` (as :func:`token_loss`'s), ``nll`` the CE sum and ``name``
+    the term's share of it."""
+    nll = F.cross_entropy(logits[0].float(), target[0], reduction="sum")
+    ntokens = target.numel()
+    loss = nll + term * ntokens
+    logging_output = chunk_logging_output(logits[0].detach().float(), target[0], loss.item())
+    logging_output["nll"] = nll.item()
+    logging_output[name] = term.item() * ntokens
+    return loss / ntokens, logging_output
+
+
+def contrastive_token_step(model, chunk: torch.Tensor, args, runtime: Runtime):
+    """``--objective contrastive_token``: cross-entropy plus the contrastive-token term of
+    the chunk (:func:`scalegrad.contrastive.contrastive_token_loss`; a chunk has no
+    padding, so no id is padding); ``(loss / n, logging_output)`` as :func:`token_loss`."""
+    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+    with runtime.autocast():
+        logits = model(input_ids=inp).logits
+    ct = contrastive_token_loss(logits, target, pad_id=None, ct_length=args.ct_length,
+                                preced_m_negatives=args.ct_preced_m_negatives)
+    return _cross_entropy_plus(logits, target, ct, "ct_loss")
+
+
+def simctg_step(model, chunk: torch.Tensor, args, runtime: Runtime):
+    """``--objective simctg``: cross-entropy plus SimCTG's margin loss on the last hidden
+    states of the chunk's inputs (``output_hidden_states=True``;
+    :func:`scalegrad.contrastive.simctg_contrastive_loss`)."""
+    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+    with runtime.autocast():
+        outputs = model(input_ids=inp, output_hidden_states=True)
+    contrastive = simctg_contrastive_loss(outputs.hidden_states[-1], margin=args.simctg_margin)
+    return _cross_entropy_plus(outputs.logits, target, contrastive, "simctg_loss")
+
+
 def sequence_loss(model, chunk: torch.Tensor, args, runtime: Runtime):
     """Sequence-level unlikelihood of one chunk (``docs/reference.md``, section 7; the
     parent script's ``ul_seq``): continue every prefix of the chunk, penalise the tokens
@@ -144,6 +216,12 @@ def training_report(logging_outputs: list[dict]) -> dict:
     report = aggregate_ranking_metrics(logging_outputs)
     report.update(aggregate_sequence_metrics(logging_outputs))
     report["ppl"] = 2 ** report["loss"]
+    # The contrastive objectives: the cross-entropy and the term, in bits per token.
+    ntokens = report["ntokens"]
+    for key in ("nll", *CONTRASTIVE_TERMS):
+        logs = [log[key] for log in logging_outputs if key in log]
+        if logs and ntokens:
+            report["nll_loss" if key == "nll" else key] = sum(logs) / ntokens / math.log(2)
     return report
 
 
@@ -173,11 +251,15 @@ class StepModel(torch.nn.Module):
     def forward(self, chunk: torch.Tensor, objective: str):
         args, runtime = self.args, self.runtime
         if objective == "token":
-            if getattr(args, "rank_alpha", 0.0) > 0:
-                return token_unlikelihood_loss(self.model, chunk, args.rank_alpha, runtime)
             return token_loss(self.model, chunk, args.gamma, runtime)
         if objective == "fused":
             return fused_token_loss(self.model, chunk, args.gamma, runtime, args.fused_chunk_size)
+        if objective == "candidate_penalty_cross_entropy":
+            return token_unlikelihood_loss(self.model, chunk, args.rank_alpha, runtime)
+        if objective == "contrastive_token":
+            return contrastive_token_step(self.model, chunk, args, runtime)
+        if objective == "simctg":
+            return simctg_step(self.model, chunk, args, runtime)
         if objective == "sequence":
             return sequence_loss(self.model, chunk, args, runtime)
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")

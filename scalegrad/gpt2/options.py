@@ -24,6 +24,9 @@ from typing import Any, Sequence
 from ..errors import UserError
 
 MODES = ("train", "eval-singletoken", "eval-completion", "eval-both")
+#: ``--objective``: the token-level training objective (docs/objectives.md); the names
+#: of the fairseq criteria.
+OBJECTIVE_CHOICES = ("scalegrad", "candidate_penalty_cross_entropy", "contrastive_token", "simctg")
 SPLIT_CHOICES = ("train", "valid", "test")
 
 #: The original's parser defaults, for the README and the tests.
@@ -106,11 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
              "continuations of the chunk's prefixes (the parent script's default was 0.5)")
     add("--sequence-ngram-n", type=int, default=4,
         help="N of the repeated N-grams that sequence-level unlikelihood penalises")
-    add("--rank-alpha", type=float, default=0.0,
-        help="token-level unlikelihood (Welleck et al., 2019) instead of ScaleGrad: the "
-             "token steps' loss is NLL + ALPHA * the candidate penalty over the chunk's "
-             "previous targets (the fairseq criterion candidate_penalty_cross_entropy's "
-             "--rank-alpha; the parent script's token-level loss); 0: off")
+    # ---- the objectives ScaleGrad is compared with (docs/objectives.md) ----
+    add("--objective", choices=OBJECTIVE_CHOICES, default="scalegrad",
+        help="the token-level training loss: scalegrad (with --gamma; 1.0 is maximum "
+             "likelihood), candidate_penalty_cross_entropy (token-level unlikelihood, with "
+             "--rank-alpha), contrastive_token (cross-entropy + the contrastive-token loss of "
+             "Jiang et al. 2022, with --ct-length and --ct-preced-m-negatives) or simctg "
+             "(cross-entropy + SimCTG's margin loss on the last hidden states, Su et al. "
+             "2022, with --simctg-margin); --sequence-tune-rate steps mix in with any of them")
+    add("--rank-alpha", type=float, default=1.0,
+        help="--objective candidate_penalty_cross_entropy (token-level unlikelihood, Welleck "
+             "et al. 2019): the loss is NLL + RANK_ALPHA * the candidate penalty over the "
+             "chunk's previous targets, as the fairseq criterion of that name")
+    add("--ct-length", type=float, default=0.25,
+        help="--objective contrastive_token: the leading positions of each chunk the CT term "
+             "scores, a fraction of the chunk (<= 1) or a count (> 1), as ct-loss's ct_length")
+    add("--ct-preced-m-negatives", type=float, default=0.5,
+        help="--objective contrastive_token: how many preceding tokens are each position's "
+             "negatives, a fraction of the CT length (<= 1) or a count (> 1), as ct-loss's "
+             "preced_m_negatives")
+    add("--simctg-margin", type=float, default=0.5,
+        help="--objective simctg: the margin rho of SimCTG's contrastive loss, >= 0 (the "
+             "paper: 0.5)")
 
     # ---- new ----
     add("--config", default=None,
@@ -261,6 +281,7 @@ def check_args(args: argparse.Namespace) -> None:
         check_gamma(args.gamma, name="--gamma")
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    check_objective(args)
     for name in ("batch_size_singletoken", "batch_size_completion", "train_batch_size",
                  "report_metrics_every", "save_every", "validate_every", "num_train_epochs",
                  "sequence_ngram_n", "max_nonfinite_steps"):
@@ -276,13 +297,6 @@ def check_args(args: argparse.Namespace) -> None:
              f"--continuation-length must be at least 1, got {args.continuation_length}")
     _require(args.top_k >= 0, f"--top-k must be >= 0 (1 with --top-p 0 is greedy), got {args.top_k}")
     _require(0.0 <= args.top_p <= 1.0, f"--top-p must be between 0 and 1, got {args.top_p}")
-    _require(math.isfinite(args.rank_alpha) and args.rank_alpha >= 0,
-             f"--rank-alpha must be a number >= 0, got {args.rank_alpha}")
-    _require(args.rank_alpha == 0 or args.gamma == 1.0,
-             f"--rank-alpha {args.rank_alpha} (token-level unlikelihood) and --gamma {args.gamma} "
-             f"(ScaleGrad) are two token-level objectives; give one of them")
-    _require(args.rank_alpha == 0 or not args.fused_loss,
-             "--rank-alpha (token-level unlikelihood) has no fused path; drop --fused-loss")
     _require(0.0 <= args.sequence_tune_rate <= 1.0,
              f"--sequence-tune-rate must be between 0 and 1, got {args.sequence_tune_rate}")
     if args.sequence_tune_rate > 0:
@@ -315,6 +329,28 @@ def check_args(args: argparse.Namespace) -> None:
     from .tracking import check_tracking
 
     check_tracking(args)
+
+
+def check_objective(args: argparse.Namespace) -> None:
+    """``--objective`` and its flags: values in range, and no flag of another objective."""
+    from ..contrastive import check_ct_argument, check_margin
+
+    try:
+        check_ct_argument(args.ct_length, "--ct-length")
+        check_ct_argument(args.ct_preced_m_negatives, "--ct-preced-m-negatives")
+        check_margin(args.simctg_margin, name="--simctg-margin")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    _require(math.isfinite(args.rank_alpha) and args.rank_alpha >= 0,
+             f"--rank-alpha must be a number >= 0, got {args.rank_alpha}")
+    if args.objective != "scalegrad":
+        _require(args.gamma == 1.0,
+                 f"--gamma {args.gamma} is ScaleGrad's and cannot be combined with --objective "
+                 f"{args.objective} (which trains with cross-entropy plus its own term); drop "
+                 f"--gamma or use --objective scalegrad")
+        _require(not args.fused_loss,
+                 f"--fused-loss computes ScaleGrad only; it cannot be combined with --objective "
+                 f"{args.objective}: drop --fused-loss")
 
 
 def accumulation_steps(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ torchrun; ``--gradient-accumulation-steps`` chunks per update when given), drawn
 a random order that is drawn again every epoch. Each step:
 
 1. one forward call of the (DDP-wrapped) :class:`~scalegrad.gpt2.objectives.StepModel`:
-   the ScaleGrad loss of the chunk (``--fused-loss``: from the final hidden states),
+   the ScaleGrad loss of the chunk (``--fused-loss``: from the final hidden states; with
+   ``--objective contrastive_token`` or ``simctg`` that objective, ``docs/objectives.md``),
    or, with probability ``--sequence-tune-rate``, the sequence-level unlikelihood loss
    of continuations of its prefixes (section 7);
 2. backward (DDP averages the gradients over the processes), optimizer and schedule
@@ -36,7 +37,7 @@ from ..data import load_chunks
 from ..errors import UserError
 from . import checkpoint
 from .evaluate import eval_singletoken, model_config_dict, singletoken_filename, write_singletoken_result
-from .objectives import StepModel, check_fused_model, training_report
+from .objectives import StepModel, check_fused_model, objective_description, token_step_kind, training_report
 from .optim import build_optimizer, build_schedule
 from .plan import Plan, Progress, make_plan
 from .runtime import Runtime, check_positions, make_output_dir
@@ -70,7 +71,8 @@ _TRAJECTORY_FLAGS = ("seed", "gamma", "learning_rate", "adam_epsilon", "weight_d
                      "train_n_steps", "gradient_accumulation_steps", "max_grad_norm",
                      "sequence_tune_rate", "sequence_ngram_n", "rank_alpha", "prefix_length",
                      "continuation_length", "top_k", "top_p", "enable_dropout",
-                     "exact_train_n_steps", "adamw", "fp16", "bf16")
+                     "exact_train_n_steps", "adamw", "fp16", "bf16", "objective", "ct_length",
+                     "ct_preced_m_negatives", "simctg_margin")
 
 
 class Trainer:
@@ -211,7 +213,7 @@ class Trainer:
         if args.sequence_tune_rate > 0 and (
                 torch.rand(1, generator=self.decision_rng).item() < args.sequence_tune_rate):
             return "sequence"
-        return "fused" if args.fused_loss else "token"
+        return token_step_kind(args)
 
     def train_step(self, chunk_indices: list[int]) -> tuple[bool, list[dict], float]:
         """One update over ``chunk_indices`` (one chunk per accumulation step).
@@ -274,11 +276,14 @@ class Trainer:
         if runtime.is_main:
             self.log_scalars(progress.total_steps, "valid", metrics)
             config = model_config_dict(self.model)
-            write_singletoken_result(self.output_dir, args, metrics, config, step=progress.total_steps)
+            # Which objective (and parameters) trained the model: in every result file.
+            objective = objective_description(args)
+            write_singletoken_result(self.output_dir, args, metrics, config, step=progress.total_steps,
+                                     objective=objective)
             if metrics["ppl"] < progress.best_ppl:
                 checkpoint.save_best(self.output_dir, self.model, self.tokenizer,
                                      singletoken_filename(args, progress.total_steps),
-                                     {"metrics": metrics, "config": config})
+                                     {"metrics": metrics, "config": config, "objective": objective})
         if metrics["ppl"] < progress.best_ppl:
             progress.best_ppl = metrics["ppl"]
         runtime.barrier()
@@ -320,6 +325,7 @@ class Trainer:
                         "%d epoch(s), schedule over %d steps, %d process(es)", plan.num_chunks,
                         args.train_batch_size, plan.updates_per_epoch, plan.num_epochs,
                         plan.total_schedule_steps, runtime.world_size)
+            logger.info("objective: %s", objective_description(args))
         runtime.barrier()
         bar = None
         status = "finished"
