@@ -9,7 +9,9 @@ top of torch and transformers, no compiler. Extras:
 - ``triton``: Triton, for the optional Triton kernel.
 - ``tracking``: TensorBoard and Weights & Biases, for the GPT-2 driver's
   ``--tensorboard-logdir`` and ``--wandb-project``.
-- ``dev``: the test tools, plus accelerate, TRL and PEFT for the Trainer tests.
+- ``eval``: mauve-text, faiss-cpu and scikit-learn, for MAUVE (``scalegrad-score
+  --featurizer``; ``docs/metrics-2022.md``).
+- ``dev``: the test tools, the eval extra's packages, plus accelerate, TRL and PEFT for the Trainer tests.
 
 ``bash scripts/setup_env.sh`` (``make setup``) installs everything into .venv: it
 installs torch first and on its own, keeps a torch that is already there (a CUDA
@@ -64,8 +66,13 @@ setup(
         # LoRA tests of the Trainer hook; tensorboard, wandb: the tracking tests;
         # ct-loss: the published contrastive-token loss, the oracle of its tests
         # (simctg, the other oracle, pins sklearn: scripts/setup_env.sh adds it --no-deps).
+        # MAUVE of scalegrad-score and the drivers' text metrics (docs/metrics-2022.md);
+        # the log-prob and SimCSE coherence need only the core.
+        "eval": ["mauve-text>=0.4", "faiss-cpu", "scikit-learn"],
+        # The eval extra's packages are also the MAUVE tests' oracle.
         "dev": ["pytest>=7", "hypothesis>=6", "accelerate>=1.1", "trl", "peft",
-                "tensorboard", "wandb", "ct-loss==0.0.3"],
+                "tensorboard", "wandb", "ct-loss==0.0.3", "mauve-text>=0.4", "faiss-cpu",
+                "scikit-learn"],
     },
     # Commands on the PATH; the scripts/ files run the same functions.
     entry_points={
@@ -73,6 +80,7 @@ setup(
             "scalegrad-run-gpt2 = scalegrad.gpt2.run_gpt2:main",
             "scalegrad-prepare-data = scalegrad.cli:prepare_data_main",
             "scalegrad-report = scalegrad.cli:report_main",
+            "scalegrad-score = scalegrad.score_cli:main",
             "scalegrad-evaluate-fairseq = scalegrad.fairseq_plugin.eval_cli:main",
             "scalegrad-export-hf = scalegrad.fairseq_plugin.export_cli:main",
             "scalegrad-compare = scalegrad.gpt2.compare:main",

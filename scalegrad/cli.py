@@ -17,6 +17,7 @@ from .errors import UserError, reports_user_errors
 from .io import atomic_path
 from .report import (collect_original_rows, collect_rows, plot_seq_rep_vs_ppl,
                      plot_validation_curves, render, rep_ppl_points, validation_curve)
+from .report_2022 import diversity_mauve_points, plot_diversity_vs_mauve
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 
@@ -155,7 +156,10 @@ original evaluation script's completions_, single_token_predictions_, targets_ a
 metrics_ files) as the original report script did, for each of
 ``--model-names`` (default: every model found). Both can be given together. With
 ``--output-dir`` it writes ``report.md``, ``report.csv`` and the plots
-``seq_rep_vs_ppl.png`` and (with ``--train-dirs``) ``validation_ppl.png``.
+``seq_rep_vs_ppl.png``, (with ``--train-dirs``) ``validation_ppl.png`` and (when
+results have MAUVE) ``diversity_vs_mauve.png``. Completion results with
+``text_metrics`` add the 2022 papers' columns (rep-2/3/4, diversity, gen-length,
+MAUVE, coherence; mean +- std over samples; docs/metrics-2022.md).
 (``python scripts/report_metrics.py`` is the same command.)
 """
 
@@ -208,6 +212,9 @@ def report_main(argv=None) -> int:
                 tmp.write_text(render(rows, fmt))
         written = [os.path.join(args.output_dir, n) for n in ("report.md", "report.csv")]
         written.append(str(plot_seq_rep_vs_ppl(rows, os.path.join(args.output_dir, "seq_rep_vs_ppl.png"))))
+        if diversity_mauve_points(rows):  # results with MAUVE (docs/metrics-2022.md)
+            written.append(str(plot_diversity_vs_mauve(
+                rows, os.path.join(args.output_dir, "diversity_vs_mauve.png"))))
         if args.train_dirs:
             names = args.train_names or [os.path.basename(os.path.normpath(d)) for d in args.train_dirs]
             written.append(str(plot_validation_curves(

@@ -142,6 +142,22 @@ def make_prefixes(chunks: torch.Tensor, prefix_length: int) -> torch.Tensor:
     return chunks[:, :kept].reshape(-1, prefix_length)
 
 
+def human_continuations(chunks: torch.Tensor, prefix_length: int,
+                        continuation_length: int) -> list[list[int]]:
+    """The human continuation of each prefix of :func:`make_prefixes`, in the same
+    order: the ``continuation_length`` tokens that follow the prefix in the split
+    (the chunks read back to back, so the last prefix of a chunk continues into the
+    next one), fewer at the end of the chunked tokens."""
+    flat = chunks.reshape(-1).tolist()
+    chunk_len = chunks.size(1)
+    out = []
+    for chunk in range(chunks.size(0)):
+        for window in range(chunk_len // prefix_length):
+            start = chunk * chunk_len + (window + 1) * prefix_length
+            out.append(flat[start:start + continuation_length])
+    return out
+
+
 def save_split(tokens: torch.Tensor, path: str | os.PathLike) -> None:
     """Write one split as a 1-D int64 tensor with ``torch.save``, atomically."""
     if tokens.dim() != 1:

@@ -1,4 +1,5 @@
-"""Continuing prefixes: greedy, top-k and nucleus (top-p) sampling, batched, with a KV cache.
+"""Continuing prefixes: greedy, top-k and nucleus (top-p) sampling, and contrastive search,
+batched, with a KV cache.
 
 The original (``docs/reference.md``, section 3) continues a batch of prefixes greedily, or samples
 one prefix at a time after ``top_k_top_p_filtering``. Here both paths work on a
@@ -6,6 +7,15 @@ whole batch: the filter is applied row by row with the same arithmetic as the
 original's one-row function, and sampling draws one token per row with
 ``torch.multinomial``. The model's key/value cache is reused, so each step after
 the first feeds only the newest token.
+
+Contrastive search (Su et al., 2022; ``docs/contrastive-search.md``) is
+:func:`contrastive_search`: at each step the ``top_k`` most probable candidates
+``v`` are fed through the model (their key/value entries on a copy of each
+row's cache) and scored ``(1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j)``
+over the row's previous final hidden states ``h_j`` (prefix and generated,
+padding excluded); the best candidate is taken. The per-step loop
+(:func:`contrastive_steps`) is shared with the fairseq driver, which hands it
+its own decoder.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .hf import accepts, cache_argument, returned_cache
+from .hf import accepts, cache_argument, reorder_cache, returned_cache
 
 
 def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
@@ -64,6 +74,7 @@ def is_greedy(top_k: int, top_p: float) -> bool:
 def generate_continuations(model, prefixes: torch.Tensor, continuation_length: int, *,
                            top_k: int = 1, top_p: float = 0.0, batch_size: int | None = None,
                            generator: torch.Generator | None = None,
+                           penalty_alpha: float | None = None,
                            progress: bool = False) -> torch.Tensor:
     """Continue every prefix by ``continuation_length`` tokens.
 
@@ -71,18 +82,229 @@ def generate_continuations(model, prefixes: torch.Tensor, continuation_length: i
     attention mask is needed). Greedy (argmax) when ``top_k == 1 and top_p == 0``,
     otherwise :func:`top_k_top_p_filtering`, softmax and ``torch.multinomial``
     with ``generator`` (when the generator lives on another device than the model,
-    the probabilities are moved to the generator's device to draw). Rows are processed in sub-batches of
-    ``batch_size`` (``None``: all at once); the result does not depend on it for
-    greedy decoding. Runs under ``torch.inference_mode()`` on the model's device,
-    with the model in eval mode (its previous mode is restored).
+    the probabilities are moved to the generator's device to draw). With
+    ``penalty_alpha`` (in [0, 1], with ``top_k > 1`` and ``top_p == 0``):
+    contrastive search (:func:`contrastive_search`; no random draw). Rows are
+    processed in sub-batches of ``batch_size`` (``None``: all at once); the result
+    does not depend on it for greedy decoding and contrastive search. Runs under
+    ``torch.inference_mode()`` on the model's device, with the model in eval mode
+    (its previous mode is restored).
 
     Returns ``(B, P + continuation_length)`` int64 on the device of ``prefixes``:
     each prefix followed by its continuation.
     """
+    _check_prefixes(prefixes)
+    if penalty_alpha is not None:
+        continuations = contrastive_search(
+            model, prefixes, continuation_length, penalty_alpha=penalty_alpha, top_k=top_k,
+            top_p=top_p, batch_size=batch_size, progress=progress)
+        return torch.cat([prefixes.to(torch.int64), continuations], dim=1)
+    _check_request(model, continuation_length, top_k, top_p, batch_size, prefixes.size(1))
+    num_rows = prefixes.size(0)
+    if num_rows == 0 or continuation_length == 0:
+        return prefixes.to(torch.int64).clone()
+
+    def continue_batch(batch, _mask, bar):
+        return _continue_batch(model, batch, continuation_length, top_k, top_p, generator, bar)
+
+    return _in_batches(model, prefixes, None, batch_size, continuation_length, progress,
+                       continue_batch)
+
+
+def check_contrastive(penalty_alpha: float, top_k: int, top_p: float = 0.0) -> None:
+    """Contrastive search's settings, as :class:`UserError` with the drivers' flag names:
+    ``0 <= penalty_alpha <= 1``, ``top_k > 1``, ``top_p == 0``."""
+    if not 0.0 <= penalty_alpha <= 1.0 or math.isnan(penalty_alpha):
+        raise UserError(f"--penalty-alpha must be between 0 and 1, got {penalty_alpha}")
+    if top_k <= 1:
+        raise UserError(f"--penalty-alpha needs --top-k K > 1 (the candidates scored at each "
+                        f"step), got --top-k {top_k}")
+    if top_p != 0.0:
+        raise UserError(f"--penalty-alpha (contrastive search) takes no --top-p, got {top_p}")
+
+
+def contrastive_search(model, prefixes: torch.Tensor, continuation_length: int, *,
+                       penalty_alpha: float, top_k: int, top_p: float = 0.0,
+                       attention_mask: torch.Tensor | None = None,
+                       batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Contrastive search (``docs/contrastive-search.md``) for a Hugging Face causal LM:
+    the ``(B, continuation_length)`` int64 continuation of every row of ``prefixes``
+    ``(B, P)``, on the device of ``prefixes``.
+
+    ``attention_mask`` ``(B, P)`` (1: a token of the row, 0: padding) lets the rows
+    have different lengths, padded on the left or on the right: a row's prefix is
+    its tokens under a 1, in order (rows are left-aligned internally, with
+    position ids counted from each row's first token). Each row's continuation is
+    the one the row gets alone, whatever the padding, ``batch_size`` (rows per
+    sub-batch; ``None``: all at once) and its neighbours (up to floating-point
+    rounding, which may in rare near-ties pick another candidate). ``penalty_alpha
+    = 0`` is greedy decoding. Runs under ``torch.inference_mode()``, the model in
+    eval mode (restored afterwards), on the model's device.
+    """
+    _check_prefixes(prefixes)
+    check_contrastive(penalty_alpha, top_k, top_p)
+    if attention_mask is not None:
+        if attention_mask.shape != prefixes.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the "
+                             f"prefixes' shape {tuple(prefixes.shape)}")
+        attention_mask = attention_mask.to(device=prefixes.device, dtype=torch.bool)
+        if prefixes.size(0) and not attention_mask.any(dim=1).all():
+            raise UserError("every prefix must hold at least one token (a row of the "
+                            "attention mask is all padding)")
+        longest = int(attention_mask.sum(dim=1).max()) if prefixes.size(0) else 0
+    else:
+        longest = prefixes.size(1)
+    _check_request(model, continuation_length, top_k, top_p, batch_size, longest)
+    if prefixes.size(0) == 0 or continuation_length == 0:
+        return prefixes.new_zeros(prefixes.size(0), continuation_length, dtype=torch.int64)
+
+    def continue_batch(batch, mask, bar):
+        stepper = HFStepper(model)
+        logits, context, context_mask = stepper.start(batch, mask)
+        return contrastive_steps(stepper, logits, context, context_mask, continuation_length,
+                                 penalty_alpha=penalty_alpha, top_k=top_k, bar=bar)
+
+    return _in_batches(model, prefixes, attention_mask, batch_size, continuation_length, progress,
+                       continue_batch)
+
+
+def contrastive_scores(context_hidden: torch.Tensor, context_mask: torch.Tensor | None,
+                       candidate_hidden: torch.Tensor, candidate_probs: torch.Tensor,
+                       penalty_alpha: float) -> torch.Tensor:
+    """``(B, K)`` scores ``(1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j)`` of K
+    candidates per row (``docs/contrastive-search.md``).
+
+    ``context_hidden`` ``(B, S, E)``: the row's previous final hidden states;
+    ``context_mask`` ``(B, S)`` (``True``: a real position; ``None``: all are), the
+    positions under ``False`` (padding) take no part in the max;
+    ``candidate_hidden`` ``(B, K, E)``; ``candidate_probs`` ``(B, K)``. Computed in
+    float32 (SimCTG's ``ranking_fast``, with the padding mask added).
+    """
+    context = context_hidden.float()
+    candidates = candidate_hidden.float()
+    context = context / context.norm(dim=-1, keepdim=True)
+    candidates = candidates / candidates.norm(dim=-1, keepdim=True)
+    cosine = torch.matmul(candidates, context.transpose(1, 2))  # (B, K, S)
+    if context_mask is not None:
+        cosine = cosine.masked_fill(~context_mask[:, None, :], -float("inf"))
+    degeneration_penalty = cosine.max(dim=-1).values
+    return (1.0 - penalty_alpha) * candidate_probs.float() - penalty_alpha * degeneration_penalty
+
+
+def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tensor,
+                      context_mask: torch.Tensor | None, continuation_length: int, *,
+                      penalty_alpha: float, top_k: int, banned_token: int | None = None,
+                      bar=None) -> torch.Tensor:
+    """The per-step loop of contrastive search, for any decoder: ``(B, continuation_length)`` ids.
+
+    ``logits`` ``(B, V)``: the next-token logits after each row's prefix;
+    ``context_hidden`` ``(B, S, E)`` and ``context_mask`` (see
+    :func:`contrastive_scores`): the prefix's final hidden states. ``stepper``
+    holds the decoder's state (its key/value cache) and has ``reorder(rows)``
+    (its rows become ``rows``, a LongTensor of row indices, repeats allowed) and
+    ``extend(tokens)`` (feed one ``(N, 1)`` token per row; returns the ``(N, V)``
+    logits and ``(N, E)`` final hidden states after it). ``banned_token`` (a
+    padding id, say) is never a candidate.
+    """
+    rows = logits.size(0)
+    top_k = min(top_k, logits.size(-1))
+    arange = torch.arange(rows, device=logits.device)
+    generated = []
+    for _ in range(continuation_length):
+        logits = logits.float()
+        if banned_token is not None and 0 <= banned_token < logits.size(-1):
+            logits = logits.clone()
+            logits[:, banned_token] = -float("inf")
+        probs = F.softmax(logits, dim=-1)
+        candidate_ids = torch.topk(logits, top_k, dim=-1).indices  # (B, K)
+        candidate_probs = probs.gather(1, candidate_ids)
+        stepper.reorder(arange.repeat_interleave(top_k))
+        candidate_logits, candidate_hidden = stepper.extend(candidate_ids.reshape(-1, 1))
+        candidate_hidden = candidate_hidden.reshape(rows, top_k, -1)
+        scores = contrastive_scores(context_hidden, context_mask, candidate_hidden,
+                                    candidate_probs, penalty_alpha)
+        best = scores.argmax(dim=-1)  # (B,)
+        chosen = arange * top_k + best
+        stepper.reorder(chosen)
+        generated.append(candidate_ids.gather(1, best[:, None]))
+        logits = candidate_logits[chosen]
+        context_hidden = torch.cat([context_hidden, candidate_hidden[arange, best][:, None]], dim=1)
+        if context_mask is not None:
+            context_mask = torch.cat([context_mask, context_mask.new_ones(rows, 1)], dim=1)
+        if bar is not None:
+            bar.update(1)
+    return torch.cat(generated, dim=1)
+
+
+class HFStepper:
+    """A Hugging Face causal LM's state during contrastive search: its key/value cache
+    (:func:`scalegrad.hf.reorder_cache`), and, for padded rows, the attention mask
+    and the next position id of each row. See :func:`contrastive_steps`."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache_keyword = cache_argument(model)
+        self.extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+        self.cache = None
+        self.mask = None
+        self.next_position = None
+
+    def start(self, prefixes: torch.Tensor, mask: torch.Tensor | None = None):
+        """Read the left-padded ``prefixes`` (``mask``: ``None`` when there is no
+        padding); returns the last position's logits ``(B, V)``, the final hidden
+        states ``(B, P, E)`` and their mask (``None`` without padding)."""
+        inputs = {}
+        if mask is not None:
+            self.mask = mask.to(torch.int64)
+            inputs = {"attention_mask": self.mask,
+                      "position_ids": (self.mask.cumsum(dim=1) - 1).clamp(min=0)}
+            self.next_position = self.mask.sum(dim=1, keepdim=True)
+        output = self.model(input_ids=prefixes, use_cache=True, output_hidden_states=True,
+                            **{self.cache_keyword: None}, **inputs, **self.extra)
+        self.cache = returned_cache(output)
+        return output.logits[:, -1, :], output.hidden_states[-1], mask
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache = reorder_cache(self.cache, rows)
+        if self.mask is not None:
+            self.mask = self.mask[rows]
+            self.next_position = self.next_position[rows]
+
+    def extend(self, tokens: torch.Tensor):
+        inputs = {}
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(tokens.size(0), 1)], dim=1)
+            inputs = {"attention_mask": self.mask, "position_ids": self.next_position}
+            self.next_position = self.next_position + 1
+        output = self.model(input_ids=tokens, use_cache=True, output_hidden_states=True,
+                            **{self.cache_keyword: self.cache}, **inputs, **self.extra)
+        self.cache = returned_cache(output)
+        return output.logits[:, -1, :], output.hidden_states[-1][:, -1, :]
+
+
+def _left_aligned(prefixes: torch.Tensor, mask: torch.Tensor):
+    """Each row's tokens (under ``mask``) moved to the right end: ``(ids, mask)``
+    left-padded (padding ids 0), or ``(prefixes, None)`` when nothing is padded."""
+    if bool(mask.all()):
+        return prefixes, None
+    lengths = mask.sum(dim=1, keepdim=True)
+    width = prefixes.size(1)
+    # stable sort puts the padding first and keeps the tokens' order
+    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices
+    ids = prefixes.gather(1, order)
+    aligned = torch.arange(width, device=mask.device)[None, :] >= width - lengths
+    return ids.masked_fill(~aligned, 0), aligned
+
+
+def _check_prefixes(prefixes: torch.Tensor) -> None:
     if prefixes.dim() != 2:
         raise ValueError(f"expected prefixes of shape (batch, prefix_length), got {tuple(prefixes.shape)}")
     if prefixes.dtype.is_floating_point or prefixes.dtype == torch.bool:
         raise ValueError(f"expected integer token ids, got {prefixes.dtype}")
+
+
+def _check_request(model, continuation_length: int, top_k: int, top_p: float,
+                   batch_size: int | None, prefix_length: int) -> None:
     if continuation_length < 0:
         raise UserError(f"continuation length must be >= 0, got {continuation_length}")
     if top_k < 0:
@@ -91,18 +313,20 @@ def generate_continuations(model, prefixes: torch.Tensor, continuation_length: i
         raise UserError(f"top-p must be between 0 and 1, got {top_p}")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"generation batch size must be >= 1, got {batch_size}")
-    if prefixes.size(1) < 1:
+    if prefix_length < 1:
         raise UserError("prefixes must hold at least one token")
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    total_length = prefixes.size(1) + continuation_length
+    total_length = prefix_length + continuation_length
     if isinstance(max_positions, int) and total_length > max_positions:
-        raise UserError(f"prefix length {prefixes.size(1)} + continuation length "
+        raise UserError(f"prefix length {prefix_length} + continuation length "
                         f"{continuation_length} = {total_length} exceeds the model's "
                         f"{max_positions} positions; shorten one of them")
 
+
+def _in_batches(model, prefixes, mask, batch_size, continuation_length, progress, continue_batch):
+    """``continue_batch(batch, mask, bar)`` over sub-batches of ``batch_size`` rows, on
+    the model's device, in inference and eval mode; results on ``prefixes``' device."""
     num_rows = prefixes.size(0)
-    if num_rows == 0 or continuation_length == 0:
-        return prefixes.to(torch.int64).clone()
     step = num_rows if batch_size is None else batch_size
     device = _model_device(model)
     was_training = model.training
@@ -116,8 +340,10 @@ def generate_continuations(model, prefixes: torch.Tensor, continuation_length: i
         with torch.inference_mode():
             for start in range(0, num_rows, step):
                 batch = prefixes[start:start + step].to(device=device, dtype=torch.int64)
-                outputs.append(_continue_batch(model, batch, continuation_length, top_k, top_p,
-                                               generator, bar).to(prefixes.device))
+                batch_mask = None
+                if mask is not None:
+                    batch, batch_mask = _left_aligned(batch, mask[start:start + step].to(device))
+                outputs.append(continue_batch(batch, batch_mask, bar).to(prefixes.device))
     finally:
         model.train(was_training)
         if bar is not None:

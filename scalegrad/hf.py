@@ -4,7 +4,8 @@ the fairseq ``gpt2_pretrained`` model: one home for each.
 * :func:`unwrap`: the model inside DistributedDataParallel / fairseq proxy wrappers;
 * :func:`accepts`, :func:`cache_argument`, :func:`returned_cache`: the key/value
   cache keyword and output field (``past_key_values`` before transformers 5.2x,
-  ``cache`` after), whichever the model takes;
+  ``cache`` after), whichever the model takes; :func:`reorder_cache`: a cache's
+  rows picked (repeated, reordered) by index;
 * :func:`linear_head`, :func:`check_linear_head`: whether the logits are the last
   hidden state times the output embedding (what the fused loss needs);
 * :func:`hf_config_from_dict`: a config object back from its ``to_dict()`` form.
@@ -19,7 +20,7 @@ import inspect
 import torch
 
 __all__ = [
-    "unwrap", "accepts", "cache_argument", "returned_cache", "linear_head",
+    "unwrap", "accepts", "cache_argument", "returned_cache", "reorder_cache", "linear_head",
     "check_linear_head", "hf_config_from_dict",
 ]
 
@@ -53,6 +54,22 @@ def returned_cache(output):
         if key in keys:
             return output[key]
     raise RuntimeError("the model returned no key/value cache although use_cache=True was passed")
+
+
+def reorder_cache(cache, rows: torch.Tensor):
+    """The key/value cache with its batch rows replaced by ``rows`` (row indices,
+    repeats allowed: ``arange(B).repeat_interleave(K)`` makes K copies of each row).
+
+    A transformers ``Cache`` object (``DynamicCache``) is reordered in place
+    (its ``reorder_cache``) and returned; the legacy form, a tuple per layer of
+    ``(key, value)`` tensors with the batch first, gives a new tuple.
+    """
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(rows)
+        return cache
+    if isinstance(cache, (tuple, list)):
+        return tuple(tuple(t.index_select(0, rows.to(t.device)) for t in layer) for layer in cache)
+    raise TypeError(f"cannot reorder a key/value cache of type {type(cache).__name__}")
 
 
 def linear_head(model):

@@ -34,6 +34,8 @@ __all__ = [
     "split_words",
     "clean_up_tokenization",
     "text_continuation_words",
+    "continuation_text",
+    "decode_text",
     "CompletionMetrics",
 ]
 
@@ -337,12 +339,25 @@ def text_continuation_words(tokenizer, completion: Sequence[int], prefix_length:
     whole completion, remove every occurrence of the decoded prefix text (or,
     when it does not occur verbatim, of the prefix text without its last two
     space-separated pieces), split into words."""
+    return split_words(continuation_text(tokenizer, completion, prefix_length))
+
+
+def continuation_text(tokenizer, completion: Sequence[int], prefix_length: int) -> str:
+    """The continuation's text whose words :func:`text_continuation_words` counts (the
+    decoded completion without the decoded prefix, as the original): the text a
+    driver writes as its result file's ``continuations``, so that the scorer's
+    seq-rep-N on it equals the driver's (``docs/metrics-2022.md``)."""
     text = _decode(tokenizer, completion)
     prefix = _decode(tokenizer, completion[:prefix_length])
     if prefix not in text:
         prefix = " ".join(prefix.split(" ")[:-2])
-    continuation = text.replace(prefix, "") if prefix else text
-    return split_words(continuation)
+    return text.replace(prefix, "") if prefix else text
+
+
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
+    """Ids decoded as the drivers decode completions (the 2019 clean-up on): for a
+    result file's ``prefixes`` and ``references`` (``docs/metrics-2022.md``)."""
+    return _decode(tokenizer, ids)
 
 
 class CompletionMetrics:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .report_2022 import TEXT_COLUMNS, human_text_values, text_metric_values
 
 COLUMNS = ["seq-rep-1", "seq-rep-4", "uniq-seq", "ppl", "acc", "rep", "wrep", "uniq"]
 
@@ -38,7 +39,8 @@ SINGLETOKEN_RE = re.compile(
     r"^singletoken__(?P<model>.+?)__spl_(?P<split>[^_]+)__bsz_(?P<bsz>\d+)(?:_(?P<step>\d+))?\.json$")
 COMPLETION_RE = re.compile(
     r"^completion__(?P<model>.+?)__spl_(?P<split>[^_]+)__topk_(?P<topk>[^_]+)__topp_(?P<topp>[^_]+)"
-    r"__pfl_(?P<pfl>\d+)__cnl_(?P<cnl>\d+)(?:__beam_(?P<beam>\d+)__ngb_(?P<ngb>\d+))?\.json$")
+    r"__pfl_(?P<pfl>\d+)__cnl_(?P<cnl>\d+)(?:__beam_(?P<beam>\d+)__ngb_(?P<ngb>\d+))?"
+    r"(?:__alpha_(?P<alpha>[^_]+))?(?:__samples_(?P<samples>\d+))?\.json$")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Row:
     decoding: str
     values: dict = field(default_factory=dict)
     source: str = "gpt2"  # "original": read from the original evaluation script's files
+    std: dict = field(default_factory=dict)  # standard deviations over samples (TEXT_COLUMNS)
 
 
 def _read_json(path: Path) -> dict:
@@ -58,7 +61,12 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read result file {path}: {exc}") from None
 
 
-def _decoding_name(topk: str, topp: str, beam: str | None = None, ngram_block: str | None = None) -> str:
+def _decoding_name(topk: str, topp: str, beam: str | None = None, ngram_block: str | None = None,
+                   alpha: str | None = None, samples: str | None = None) -> str:
+    if alpha is not None:  # --penalty-alpha: contrastive search (docs/contrastive-search.md)
+        return f"contrastive, alpha {alpha}, top-k {topk}"
+    if samples is not None and int(samples) > 1:  # --num-samples
+        return f"{_decoding_name(topk, topp, beam, ngram_block)}, {samples} samples"
     if beam is not None and int(beam) > 1:  # evaluate_fairseq.py's beam search
         block = f", {ngram_block}-gram block" if ngram_block and int(ngram_block) > 0 else ""
         return f"beam {beam}{block}"
@@ -101,6 +109,7 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
         raise UserError(f"--names gives {len(names)} names for {len(run_dirs)} result directories")
     rows: list[Row] = []
     human_rows: dict[str, Row] = {}
+    text_human: dict[str, dict] = {}  # the references' 2022 columns, the first file's per split
     for run_dir, run_name in zip(run_dirs, names):
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
@@ -120,8 +129,14 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
         keys_done = set()
         for m, result in completions:
             key = (m["model"], m["split"])
-            row = Row(run_name, m["model"], m["split"], _decoding_name(m["topk"], m["topp"], m["beam"], m["ngb"]))
+            row = Row(run_name, m["model"], m["split"], _decoding_name(m["topk"], m["topp"], m["beam"], m["ngb"],
+                                                                m["alpha"], m["samples"]))
             row.values.update(completion_values(result, m["split"], view))
+            text_values, row.std = text_metric_values(result)  # docs/metrics-2022.md
+            row.values.update(text_values)
+            if human:
+                for column, value in human_text_values(result).items():
+                    text_human.setdefault(m["split"], {}).setdefault(column, value)
             if key in singletoken:
                 row.values.update(singletoken_values(singletoken[key]))
             rows.append(row)
@@ -136,6 +151,8 @@ def collect_rows(run_dirs, names=None, *, view: str = "bpe", human: bool = True)
                     "rep": metrics.get("human_repeat_at_1/128"),
                     "uniq": metrics.get("human_uniq"),
                 })
+    for split, values in text_human.items():
+        human_rows.setdefault(split, Row("human", "-", split, "-")).values.update(values)
     return rows + list(human_rows.values())
 
 
@@ -206,7 +223,7 @@ def original_file_metrics(path: Path, kind: str, settings: dict) -> dict:
     return {f"{split}/num_uniq_singletok": len({t for tokens in _lines(path) for t in tokens})}
 
 
-SHOWN_SETTINGS = {"model_name", "st", "spl", "tpk", "tpp", "bms", "bnb"}
+SHOWN_SETTINGS = {"model_name", "st", "spl", "tpk", "tpp", "bms", "bnb", "alpha"}
 
 
 def collect_original_rows(eval_dirs, model_names=None, *, human: bool = True) -> list[Row]:
@@ -247,7 +264,8 @@ def collect_original_rows(eval_dirs, model_names=None, *, human: bool = True) ->
             settings = dict(key)
             split = settings.get("spl")
             decoding = _decoding_name(str(settings.get("tpk", 1)), str(settings.get("tpp", 0.0)),
-                                      str(settings.get("bms", 1)), str(settings.get("bnb", 0)))
+                                      str(settings.get("bms", 1)), str(settings.get("bnb", 0)),
+                                      None if "alpha" not in settings else str(settings["alpha"]))
             label = "; ".join([f"step {settings.get('st')}"] + [f"{k} {settings.get(k)}" for k in varying])
             rows.append(Row(name, f"{settings['model_name']} ({label})", str(split),
                             decoding, original_values(values, split), source="original"))
@@ -285,10 +303,27 @@ def _fmt(value) -> str:
 LABELS = ("run", "model", "split", "decoding")
 
 
-def _table(rows: list[Row], columns=COLUMNS, labels=LABELS) -> tuple[list[str], list[list[str]]]:
+def _table(rows: list[Row], fmt: str = "text", columns=COLUMNS,
+           labels=LABELS) -> tuple[list[str], list[list[str]]]:
+    """``labels`` (Row attributes), ``columns`` (today's by default), then each of the 2022
+    papers' columns some row has: "mean +- std" with several samples (CSV: the std in a
+    column of its own)."""
+    extra = [c for c in TEXT_COLUMNS if c not in columns and any(r.values.get(c) is not None for r in rows)]
     header = list(labels) + list(columns)
     body = [[getattr(r, label) for label in labels] + [_fmt(r.values.get(c)) for c in columns]
             for r in rows]
+    for column in extra:
+        with_std = any(column in r.std for r in rows)
+        if fmt == "csv":
+            header += [column] + ([f"{column} std"] if with_std else [])
+        else:
+            header.append(column)
+        for r, line in zip(rows, body):
+            value, std = _fmt(r.values.get(column)), r.std.get(column)
+            if fmt == "csv":
+                line += [value] + ([_fmt(std)] if with_std else [])
+            else:
+                line.append(value if std is None else f"{value} +- {_fmt(float(std))}")
     return header, body
 
 
@@ -311,7 +346,7 @@ def render(rows: list[Row], fmt: str = "text", *, columns=COLUMNS, labels=LABELS
 
 
 def _render_table(rows: list[Row], fmt: str, columns=COLUMNS, labels=LABELS) -> str:
-    header, body = _table(rows, columns, labels)
+    header, body = _table(rows, fmt, columns, labels)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")

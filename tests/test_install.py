@@ -21,11 +21,12 @@ import scalegrad
 ROOT = Path(__file__).resolve().parents[1]
 
 # What `pip install .` leaves out: the extras (fairseq and what it pulls, triton) and
-# the dev tools (accelerate, trl, peft). A finder that makes them unimportable.
+# the dev tools (accelerate, trl, peft), the eval extra (mauve-text, faiss, scikit-learn).
+# A finder that makes them unimportable.
 BLOCK_EXTRAS = textwrap.dedent("""
     import importlib.abc, sys
     BLOCKED = {"fairseq", "fairseq_cli", "hydra", "omegaconf", "tensorboardX", "triton",
-               "accelerate", "trl", "peft"}
+               "accelerate", "trl", "peft", "mauve", "faiss", "sklearn"}
     class BlockExtras(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
@@ -117,7 +118,8 @@ def test_the_core_and_its_scripts_run_without_the_extras():
         except ModuleNotFoundError as error:
             print(error)
         import contextlib, io, runpy
-        for script in ("run_gpt2.py", "prepare_data.py", "report_metrics.py"):
+        for script in ("run_gpt2.py", "prepare_data.py", "report_metrics.py",
+                       "score_generations.py"):
             sys.argv, out = [script, "--help"], io.StringIO()
             with contextlib.redirect_stdout(out):
                 try:
@@ -131,7 +133,7 @@ def test_the_core_and_its_scripts_run_without_the_extras():
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         'fairseq is not installed: pip install "scalegrad[fairseq]" (or bash scripts/setup_env.sh)',
-        "run_gpt2.py ok", "prepare_data.py ok", "report_metrics.py ok"]
+        "run_gpt2.py ok", "prepare_data.py ok", "report_metrics.py ok", "score_generations.py ok"]
 
 
 @pytest.mark.slow
@@ -169,4 +171,6 @@ def test_the_wheel_holds_the_core_and_names_fairseq_only_as_an_extra(tmp_path):
     assert extra("fairseq") == ["fairseq-fixed==0.12.3.1", "tensorboardX"]
     assert extra("triton") == ["triton"]
     assert {"trl", "peft", "accelerate>=1.1"} <= set(extra("dev"))
+    assert extra("eval") == ["mauve-text>=0.4", "faiss-cpu", "scikit-learn"]
+    assert set(extra("eval")) <= set(extra("dev"))  # the MAUVE tests' oracle
     assert metadata["Requires-Python"] == ">=3.10"

@@ -224,7 +224,10 @@ def test_eval_completion_equals_one_prefix_at_a_time_greedy(tiny_model_dir, tiny
     name = "completion__tiny__spl_test__topk_1__topp_0.0__pfl_10__cnl_8.json"
     assert sorted(p.name for p in out.iterdir()) == [name]
     result = json.loads((out / name).read_text())
-    assert list(result) == ["bpe_metrics", "word_metrics", "uniq", "config", "completions"]
+    # the original's keys first, as they were; then the 2022 papers' columns and the decoding
+    assert list(result) == ["bpe_metrics", "word_metrics", "uniq", "config", "completions",
+                            "text_metrics", "decoding"]
+    assert result["decoding"] == {"greedy": True}
 
     model = load_model(tiny_model_dir)
     tokens = load_split(split_path(small_data_base, "test"))

@@ -20,6 +20,15 @@ the mass before it is ``< p`` where the shared filter keeps it when it is
 ``<= p`` (they differ only when that mass equals ``p`` exactly). Draws come from
 a ``torch.Generator`` seeded by ``--seed``.
 
+Contrastive search (``--penalty-alpha A`` with ``--topk K > 1``;
+``docs/contrastive-search.md``): :func:`contrastive_continuations`, the core's
+per-step loop (:func:`scalegrad.generation.contrastive_steps`) over the model's
+decoder: the final hidden states are the decoder's features (``features_only``,
+the input of its output projection), the K candidates of each row are fed on
+copies of the row's incremental state (fairseq's
+``reorder_incremental_state_scripting``, as beam search reorders it), and the
+padding id is never a candidate.
+
 Beam search: fairseq's generator always starts a hypothesis with a
 beginning-of-sequence token. Here that position holds each prefix's first id
 (the prefix's other ids are forced as fairseq's ``prefix_tokens``), so the model
@@ -34,7 +43,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..generation import is_greedy, top_k_top_p_filtering
+from ..errors import UserError
+from ..generation import check_contrastive, contrastive_steps, is_greedy, top_k_top_p_filtering
 
 
 def next_tokens(logits: torch.Tensor, *, top_k: int, top_p: float, pad: int | None,
@@ -89,6 +99,67 @@ def continue_prefixes(model, prefixes: torch.Tensor, length: int, *, top_k: int 
     if not generated:
         return prefixes.new_zeros(prefixes.size(0), 0)
     return torch.cat(generated, dim=1)
+
+
+@torch.no_grad()
+def contrastive_continuations(model, prefixes: torch.Tensor, length: int, *, penalty_alpha: float,
+                              top_k: int, pad: int | None = None) -> torch.Tensor:
+    """``(B, length)`` contrastive-search continuation of ``prefixes`` ``(B, P)``, the
+    whole batch at once (see the module doc)."""
+    check_contrastive(penalty_alpha, top_k)
+    if length == 0:
+        return prefixes.new_zeros(prefixes.size(0), 0)
+    stepper = FairseqStepper(model)
+    logits, context, _ = stepper.start(prefixes)
+    return contrastive_steps(stepper, logits, context, None, length, penalty_alpha=penalty_alpha,
+                             top_k=top_k, banned_token=pad)
+
+
+class FairseqStepper:
+    """A fairseq language model's state during contrastive search: the ids so far and
+    the decoder's incremental state (:func:`scalegrad.generation.contrastive_steps`)."""
+
+    def __init__(self, model):
+        self.model = model
+        decoder = getattr(model, "decoder", None)
+        if getattr(decoder, "adaptive_softmax", None) is not None \
+                or not callable(getattr(decoder, "output_layer", None)):
+            raise UserError("contrastive search (--penalty-alpha) needs a decoder whose logits "
+                            "are its output layer applied to its features; this model's "
+                            "decoder has an adaptive softmax or no output layer")
+        self.decoder = decoder
+        self.state = {} if _is_incremental(model) else None
+        self.tokens = None
+
+    def _features(self, tokens: torch.Tensor) -> torch.Tensor:
+        try:
+            if self.state is None:
+                features, _ = self.model(tokens, features_only=True)
+            else:
+                features, _ = self.model(tokens, incremental_state=self.state, features_only=True)
+        except TypeError as exc:
+            raise UserError(f"contrastive search (--penalty-alpha) needs the decoder's features "
+                            f"(features_only=True), which this model does not give ({exc})") from None
+        return features
+
+    def start(self, prefixes: torch.Tensor):
+        self.tokens = prefixes
+        if self.state is None:
+            hidden = self._features(prefixes)
+        else:  # an incremental decoder takes the newest position only
+            hidden = torch.cat([self._features(prefixes[:, :step])[:, -1:]
+                                for step in range(1, prefixes.size(1) + 1)], dim=1)
+        return self.decoder.output_layer(hidden[:, -1]), hidden, None
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.tokens = self.tokens[rows]
+        if self.state is not None:
+            self.decoder.reorder_incremental_state_scripting(self.state, rows)
+
+    def extend(self, tokens: torch.Tensor):
+        self.tokens = torch.cat([self.tokens, tokens], dim=1)
+        hidden = self._features(self.tokens)[:, -1]
+        return self.decoder.output_layer(hidden), hidden
 
 
 @torch.no_grad()

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--topp", "--top-p", dest="topp", type=float, default=0.0, help="nucleus sampling if > 0")
     add("--topk", "--top-k", dest="topk", type=int, default=1,
         help="1 with --topp 0 is greedy; > 1 samples among the k most likely")
+    add("--penalty-alpha", type=float, default=None, metavar="A",
+        help="completions by contrastive search (not in the original; docs/contrastive-search.md): "
+             "at each step the --topk K most probable tokens are scored (1 - A) * p(v) - A * "
+             "(max cosine between v's decoder features and those of the prefix and the tokens "
+             "so far), the best taken; A in [0, 1], needs --topk K > 1, --topp 0, --beam-size 1; "
+             "the file names end in __alpha_A")
     add("--singletoken-topk", type=int, default=1,
         help="> 1: also the top-k masses of the single-token pass")
     add("--singletoken-topp", type=float, default=0.0,
@@ -125,6 +131,11 @@ def check_args(args) -> None:
              "--topk 0 samples from nothing: give --topk >= 1 or --topp > 0")
     _require(args.singletoken_topk >= 1, f"--singletoken-topk must be >= 1, got {args.singletoken_topk}")
     _require(args.beam_ngram_block >= 0, f"--beam-ngram-block must be >= 0, got {args.beam_ngram_block}")
+    if args.penalty_alpha is not None:
+        from ..generation import check_contrastive
+
+        check_contrastive(args.penalty_alpha, args.topk, args.topp)
+        _require(args.beam_size == 1, "--penalty-alpha (contrastive search) needs --beam-size 1")
     if args.beam_size > 1:
         _require(args.topk == 1 and args.topp == 0.0,
                  "beam search (--beam-size > 1) needs --topk 1 and --topp 0")
@@ -189,8 +200,8 @@ def run_evaluation(args) -> list[str]:
     from .evaluation import completion_pass, single_token_pass
     from .gpt2_results import evaluate_gpt2_format
     from .loading import load_model
-    from .results import (filename_suffix, model_name, write_completions,
-                          write_single_token_results)
+    from .results import (completion_text_metrics, filename_suffix, model_name,
+                          write_completions, write_single_token_results, write_text_metrics)
 
     save_path = Path(args.save_path).expanduser()
     check_save_path(save_path)
@@ -223,14 +234,20 @@ def run_evaluation(args) -> list[str]:
             topp=args.topp, singletoken_topk=args.singletoken_topk,
             singletoken_topp=args.singletoken_topp, ckpt_step=args.ckpt_step,
             ckpt_epoch=args.ckpt_epoch, ckpt=args.ckpt)
+        if args.penalty_alpha is not None:
+            suffix += f"__alpha_{float(args.penalty_alpha)}"
         completions = single = None
+        references: list = []
         if completion:
             completions = completion_pass(
                 loaded, args.data_split, prefix_length=args.data_prefix_length,
                 prefixes_per_block=args.batch_size_completions,
                 completion_length=args.completion_length, top_k=args.topk, top_p=args.topp,
                 beam_size=args.beam_size, beam_ngram_block=args.beam_ngram_block,
-                num_samples=args.num_samples, seed=args.seed, progress=progress)
+                num_samples=args.num_samples, seed=args.seed, penalty_alpha=args.penalty_alpha,
+                progress=progress, references=references)
+            text_metrics = completion_text_metrics(loaded.dictionary, completions, references,
+                                                   args.data_prefix_length)
         if singletoken:
             single = single_token_pass(
                 loaded, args.data_split, args.batch_size_single_prediction,
@@ -240,6 +257,7 @@ def run_evaluation(args) -> list[str]:
         save_path.mkdir(parents=True, exist_ok=True)
         if completions is not None:
             written.append(write_completions(save_path, suffix, loaded.dictionary, completions))
+            written.append(write_text_metrics(save_path, suffix, text_metrics))
         if single is not None:
             metrics, predictions, targets = single
             written += write_single_token_results(save_path, suffix, loaded.dictionary,

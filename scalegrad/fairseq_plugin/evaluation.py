@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..generation import top_k_top_p_filtering
 from ..metrics import (RANKING_METRIC_NAMES, aggregate_ranking_metrics,
                        ranking_metrics_from_ranks, token_statistics)
-from .decoding import beam_continuations, continue_prefixes
+from .decoding import beam_continuations, continue_prefixes, contrastive_continuations
 from .loading import LoadedModel, iterate_blocks, load_blocks
 
 logger = logging.getLogger(__name__)
@@ -190,8 +190,12 @@ def cut_prefixes(block: torch.Tensor, prefix_length: int) -> torch.Tensor:
 def completion_pass(loaded: LoadedModel, split: str, *, prefix_length: int, prefixes_per_block: int,
                     completion_length: int, top_k: int = 1, top_p: float = 0.0, beam_size: int = 1,
                     beam_ngram_block: int = 0, num_samples: int = -1, seed: int = 42,
-                    progress: bool = True) -> list[list[int]]:
-    """Prefix + continuation ids of every prefix of the split (see the module doc)."""
+                    penalty_alpha: float | None = None, progress: bool = True,
+                    references: list | None = None) -> list[list[int]]:
+    """Prefix + continuation ids of every prefix of the split (see the module doc);
+    contrastive search with ``penalty_alpha``. ``references``, a list, receives the
+    true continuation ids of each prefix (the ``completion_length`` ids after it in
+    the blocks read, fewer at the end)."""
     dataset = load_blocks(loaded, split, prefix_length * prefixes_per_block)
     dictionary = loaded.dictionary
     device = loaded.device
@@ -201,13 +205,19 @@ def completion_pass(loaded: LoadedModel, split: str, *, prefix_length: int, pref
     # is its end-of-text id (banned until the full length either way).
     eos = dictionary.eos() if loaded.is_gpt2 else len(dictionary) - 1
     completions: list[list[int]] = []
+    stream: list[int] = []  # the blocks' ids read back to back
+    starts: list[tuple[int, int]] = []  # per block with prefixes: its offset, its prefixes
     total = len(dataset) if num_samples < 0 else min(len(dataset), num_samples + 1)
     bar = progress_bar(progress, total, "Completions", "block")
     for index, batch in enumerate(iterate_blocks(dataset, 1)):
         block = batch["net_input"]["src_tokens"]
         if block.size(1) >= prefix_length:
             prefixes = cut_prefixes(block, prefix_length).to(device)
-            if beam_size > 1:
+            if penalty_alpha is not None:
+                continuations = contrastive_continuations(
+                    loaded.model, prefixes, completion_length, penalty_alpha=penalty_alpha,
+                    top_k=top_k, pad=dictionary.pad()).tolist()
+            elif beam_size > 1:
                 continuations = beam_continuations(
                     loaded.model, dictionary, prefixes, completion_length, beam_size=beam_size,
                     ngram_block=beam_ngram_block, eos=eos)
@@ -217,12 +227,19 @@ def completion_pass(loaded: LoadedModel, split: str, *, prefix_length: int, pref
                     pad=dictionary.pad(), generator=generator).tolist()
             completions += [prefix + continuation
                             for prefix, continuation in zip(prefixes.tolist(), continuations)]
+            starts.append((len(stream), prefixes.size(0)))
+        stream += block[0].tolist()
         if bar is not None:
             bar.update(1)
         if index == num_samples:
             break
     if bar is not None:
         bar.close()
+    if references is not None:
+        for offset, count in starts:
+            for row in range(count):
+                start = offset + (row + 1) * prefix_length
+                references.append(stream[start:start + completion_length])
     return completions
 
 

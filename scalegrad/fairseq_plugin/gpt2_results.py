@@ -69,26 +69,28 @@ def eval_singletoken(loaded: LoadedModel, split: str, length: int, *, progress: 
 
 
 def completion_prefixes(loaded: LoadedModel, split: str, length: int,
-                        prefix_length: int) -> tuple[torch.Tensor, int]:
-    """``(prefixes, prefixes per chunk)`` of the split's chunks of ``length + 1`` ids."""
+                        prefix_length: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """``(prefixes, prefixes per chunk, chunks)`` of the split's chunks of ``length + 1`` ids."""
     from ..data import make_prefixes
 
     chunks = load_blocks(loaded, split, length).chunks.long()
     prefixes = make_prefixes(chunks, prefix_length)
-    return prefixes, prefixes.size(0) // max(chunks.size(0), 1)
+    return prefixes, prefixes.size(0) // max(chunks.size(0), 1), chunks
 
 
 def sampled_completions(loaded: LoadedModel, prefixes: torch.Tensor, *, continuation_length: int,
                         top_k: int, top_p: float, batch_size: int, seed: int,
+                        penalty_alpha: float | None = None,
                         progress: bool = True) -> list[list[int]]:
-    """Greedy / top-k / top-p: the GPT-2 driver's own code, seeding and batching."""
+    """Greedy / top-k / top-p / contrastive search: the GPT-2 driver's own code,
+    seeding and batching."""
     from ..gpt2.evaluate import generate_completions
     from ..gpt2.runtime import Runtime
 
     runtime = Runtime(device=loaded.device, progress=progress)
     return generate_completions(loaded.hf_model, prefixes, runtime,
                                 continuation_length=continuation_length, top_k=top_k, top_p=top_p,
-                                batch_size=batch_size, seed=seed)
+                                batch_size=batch_size, seed=seed, penalty_alpha=penalty_alpha)
 
 
 def beam_completions(loaded: LoadedModel, prefixes: torch.Tensor, *, continuation_length: int,
@@ -114,7 +116,8 @@ def beam_completions(loaded: LoadedModel, prefixes: torch.Tensor, *, continuatio
 
 def result_names(model_name: str, split: str, bsz_singletoken: int, bsz_completion: int,
                  prefix_length: int, continuation_length: int, top_k: int, top_p: float,
-                 beam_size: int = 1, ngram_block: int = 0) -> dict:
+                 beam_size: int = 1, ngram_block: int = 0,
+                 penalty_alpha: float | None = None) -> dict:
     """File names of one evaluation: the GPT-2 driver's for the shared results,
     plus the extra outputs."""
     from ..gpt2.evaluate import completion_filename, singletoken_filename
@@ -122,7 +125,8 @@ def result_names(model_name: str, split: str, bsz_singletoken: int, bsz_completi
     args = SimpleNamespace(model_name=model_name, eval_split=split,
                            batch_size_singletoken=bsz_singletoken,
                            batch_size_completion=bsz_completion, prefix_length=prefix_length,
-                           continuation_length=continuation_length, top_k=top_k, top_p=top_p)
+                           continuation_length=continuation_length, top_k=top_k, top_p=top_p,
+                           penalty_alpha=penalty_alpha)
     singletoken = singletoken_filename(args)
     completion = completion_filename(args)
     if beam_size > 1:
@@ -139,8 +143,8 @@ def default_model_name(checkpoint: str) -> str:
 
 def evaluate_gpt2_format(loaded: LoadedModel, args, output_dir: Path) -> list[str]:
     """One checkpoint, ``run_gpt2.py``-style files; returns the files written."""
-    from ..generation import is_greedy
-    from ..metrics import CompletionMetrics
+    from ..data import human_continuations
+    from ..gpt2.evaluate import completion_report, decoding_record, result_file_content
     from ..tokenization import load_tokenizer
 
     if not loaded.is_gpt2:
@@ -149,7 +153,7 @@ def evaluate_gpt2_format(loaded: LoadedModel, args, output_dir: Path) -> list[st
     singletoken = args.eval_mode in ("all", "singletoken")
     completion = args.eval_mode in ("all", "completion")
     checkpoint_info = {"path": loaded.path, "num_updates": loaded.num_updates}
-    tokenizer = prefixes = per_chunk = None
+    tokenizer = prefixes = per_chunk = chunks = None
     if completion:
         source = args.tokenizer or checkpoint_tokenizer_source({"cfg": loaded.state_cfg})
         if not source:
@@ -159,12 +163,12 @@ def evaluate_gpt2_format(loaded: LoadedModel, args, output_dir: Path) -> list[st
         except UserError as exc:
             raise UserError(f"{exc} (the tokenizer that decodes completions; pass "
                             f"--tokenizer NAME_OR_FOLDER)") from None
-        prefixes, per_chunk = completion_prefixes(loaded, args.data_split, args.batch_size_completion,
-                                                  args.data_prefix_length)
+        prefixes, per_chunk, chunks = completion_prefixes(
+            loaded, args.data_split, args.batch_size_completion, args.data_prefix_length)
     names = result_names(args.model_name or default_model_name(loaded.path), args.data_split,
                          args.batch_size_single_prediction, args.batch_size_completion,
                          args.data_prefix_length, args.completion_length, args.topk, args.topp,
-                         args.beam_size, args.beam_ngram_block)
+                         args.beam_size, args.beam_ngram_block, args.penalty_alpha)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     progress = not args.no_progress
@@ -195,23 +199,21 @@ def evaluate_gpt2_format(loaded: LoadedModel, args, output_dir: Path) -> list[st
         else:
             completions = sampled_completions(
                 loaded, prefixes, continuation_length=args.completion_length, top_k=args.topk,
-                top_p=args.topp, batch_size=batch_size, seed=args.seed, progress=progress)
-            decoding = ({"greedy": True} if is_greedy(args.topk, args.topp)
-                        else {"top_k": args.topk, "top_p": args.topp, "seed": args.seed})
+                top_p=args.topp, batch_size=batch_size, seed=args.seed,
+                penalty_alpha=args.penalty_alpha, progress=progress)
+            decoding = decoding_record(args.topk, args.topp, args.penalty_alpha, [args.seed])
         decoding.update(prefix_length=args.data_prefix_length,
                         continuation_length=args.completion_length,
                         batch_size_completion=args.batch_size_completion)
-        completion_metrics = CompletionMetrics(tokenizer, args.data_prefix_length)
-        completion_metrics.update(completions)
-        report = completion_metrics.report(args.data_split)
+        report = completion_report(
+            tokenizer, [completions], args.data_prefix_length, args.data_split, seeds=[args.seed],
+            decoding=decoding, references=human_continuations(chunks, args.data_prefix_length,
+                                                              args.completion_length))
         logger.info("completion metrics: %s %s uniq %d", report["bpe_metrics"],
                     report["word_metrics"], report["uniq"])
         path = output_dir / names["completion"]
-        write_json(path, {
-            "bpe_metrics": report["bpe_metrics"], "word_metrics": report["word_metrics"],
-            "uniq": report["uniq"], "config": hf_config_dict(loaded),
-            "completions": report["completions"], "completion_ids": completions,
-            "decoding": decoding, "checkpoint": checkpoint_info,
-        })
+        write_json(path, result_file_content(report, hf_config_dict(loaded),
+                                             completion_ids=completions, decoding=decoding,
+                                             checkpoint=checkpoint_info))
         written.append(str(path))
     return written

@@ -7,11 +7,16 @@ fairseq evaluation), written atomically into ``--save-path``:
   block, the predicted / target symbols;
 * ``metrics_{SUFFIX}.json``: ``{split}/{metric}`` for every single-token metric
   plus ``checkpoint_step`` (the original wrote this dictionary as a pickle,
-  ``metrics_{SUFFIX}.pkl``).
+  ``metrics_{SUFFIX}.pkl``);
+* ``text_metrics_{SUFFIX}.json`` (not in the original): the 2022 papers' columns
+  of the completions (rep-2/3/4, diversity, gen-length, ...) and of the true
+  continuations (``human``), on the dictionary symbols as whitespace tokens
+  (:func:`scalegrad.text_metrics.score_samples`, ``docs/metrics-2022.md``).
 
 ``SUFFIX`` is the original's
 ``_{model}__st_{step}__spl_{split}__pfx_{prefix}__cmpl_{completion}__bs_cmpl_{..}__bs_sprd_{..}__bms_{beam}__bnb_{block}__tpk_{k}__tpp_{p}__sttpk_{..}__sttpp_{..}__ckst_{..}__ckep_{..}__ckpt_{..}``,
-unset values printed as ``None``; ``{model}`` is the base name of ``--model-path``.
+unset values printed as ``None``; ``{model}`` is the base name of ``--model-path``;
+``__alpha_{A}`` is appended for contrastive search (``--penalty-alpha``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 from ..io import atomic_path, write_json
 
-FILE_KINDS = ("completions", "single_token_predictions", "targets", "metrics")
+FILE_KINDS = ("completions", "single_token_predictions", "targets", "metrics", "text_metrics")
 
 
 def filename_suffix(*, model: str, step, split: str, prefix_length: int, completion_length: int,
@@ -42,7 +47,7 @@ def model_name(model_path) -> str:
 
 
 def result_path(save_path, kind: str, suffix: str) -> Path:
-    extension = "json" if kind == "metrics" else "txt"
+    extension = "json" if kind in ("metrics", "text_metrics") else "txt"
     return Path(save_path) / f"{kind}_{suffix}.{extension}"
 
 
@@ -63,6 +68,22 @@ def write_lines(path, lines) -> str:
 def write_completions(save_path, suffix: str, dictionary, completions) -> str:
     return write_lines(result_path(save_path, "completions", suffix),
                        symbol_lines(dictionary, completions))
+
+
+def completion_text_metrics(dictionary, completions, references, prefix_length: int) -> dict:
+    """The papers' columns of the completions (prefix + continuation ids) and of
+    ``references`` (the true continuation ids), as symbol texts."""
+    from ..text_metrics import score_samples
+
+    prefixes = symbol_lines(dictionary, [row[:prefix_length] for row in completions])
+    continuations = symbol_lines(dictionary, [row[prefix_length:] for row in completions])
+    return score_samples(prefixes, [continuations], symbol_lines(dictionary, references))
+
+
+def write_text_metrics(save_path, suffix: str, text_metrics: dict) -> str:
+    path = result_path(save_path, "text_metrics", suffix)
+    write_json(path, text_metrics, indent=1)
+    return str(path)
 
 
 def write_single_token_results(save_path, suffix: str, dictionary, split: str, metrics: dict,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..data import make_prefixes
+from ..data import human_continuations, make_prefixes
 from ..generation import generate_continuations, is_greedy
 from ..io import write_json
-from ..metrics import (CompletionMetrics, aggregate_ranking_metrics, ranking_metrics,
-                       ranking_metrics_from_ranks, token_statistics)
+from ..metrics import (CompletionMetrics, aggregate_ranking_metrics, decode_ids,
+                       ranking_metrics, ranking_metrics_from_ranks, token_statistics)
 from .options import result_model_name
 from ..hf import unwrap
 from .runtime import Runtime
@@ -38,10 +38,43 @@ def singletoken_filename(args, step: int | None = None) -> str:
 
 
 def completion_filename(args) -> str:
-    """``completion__{model}__spl_{split}__topk_{k}__topp_{p}__pfl_{pfl}__cnl_{cnl}.json``."""
-    return (f"completion__{result_model_name(args.model_name)}__spl_{args.eval_split}"
+    """``completion__{model}__spl_{split}__topk_{k}__topp_{p}__pfl_{pfl}__cnl_{cnl}.json``
+    (the original's name), then ``__alpha_{A}`` for contrastive search
+    (``--penalty-alpha``) and ``__samples_{N}`` for ``--num-samples N > 1``."""
+    name = (f"completion__{result_model_name(args.model_name)}__spl_{args.eval_split}"
             f"__topk_{args.top_k}__topp_{float(args.top_p)}__pfl_{args.prefix_length}"
-            f"__cnl_{args.continuation_length}.json")
+            f"__cnl_{args.continuation_length}")
+    if getattr(args, "penalty_alpha", None) is not None:
+        name += f"__alpha_{float(args.penalty_alpha)}"
+    if num_samples(args) > 1:
+        name += f"__samples_{num_samples(args)}"
+    return name + ".json"
+
+
+def num_samples(args) -> int:
+    """``--num-samples`` as used: 1 when not given."""
+    return getattr(args, "num_samples", None) or 1
+
+
+def sample_seeds(args) -> list[int]:
+    """The seed of each sample: ``--seed``, ``--seed + 1``, ... (so sample ``i`` is
+    the continuation a one-sample run with ``--seed SEED+i`` gives)."""
+    return [args.seed + i for i in range(num_samples(args))]
+
+
+def decoding_record(top_k: int, top_p: float, penalty_alpha: float | None,
+                    seeds: list[int]) -> dict:
+    """The ``decoding`` entry of a completion result file: greedy, contrastive search
+    (``penalty_alpha``, ``top_k``) or sampling (``top_k``, ``top_p``, ``seed``, and
+    ``seeds`` when there are several samples)."""
+    if penalty_alpha is not None:
+        return {"contrastive_search": True, "penalty_alpha": penalty_alpha, "top_k": top_k}
+    if is_greedy(top_k, top_p):
+        return {"greedy": True}
+    record = {"top_k": top_k, "top_p": top_p, "seed": seeds[0]}
+    if len(seeds) > 1:
+        record["seeds"] = list(seeds)
+    return record
 
 
 def write_singletoken_result(directory, args, metrics: dict, config: dict,
@@ -59,15 +92,25 @@ def write_singletoken_result(directory, args, metrics: dict, config: dict,
 
 def write_completion_result(directory, args, report: dict, config: dict) -> Path:
     path = Path(directory) / completion_filename(args)
-    write_json(path, {
-        "bpe_metrics": report["bpe_metrics"],
-        "word_metrics": report["word_metrics"],
-        "uniq": report["uniq"],
-        "config": config,
-        "completions": report["completions"],
-    })
+    write_json(path, result_file_content(report, config))
     logger.info("completion metrics written to %s", path)
     return path
+
+
+def result_file_content(report: dict, config: dict, **extra) -> dict:
+    """A completion result file: the original's keys first (``bpe_metrics``,
+    ``word_metrics``, ``uniq``, ``config``, ``completions``; those of the first
+    sample), then ``extra`` and the new ones :func:`completion_report` made
+    (``text_metrics``, ``decoding``, ``samples``, ``sample_statistics``)."""
+    content = {key: report[key] for key in ("bpe_metrics", "word_metrics", "uniq")}
+    content["config"] = config
+    content["completions"] = report["completions"]
+    content.update(extra)
+    content.update({key: report[key] for key in NEW_REPORT_KEYS if key in report})
+    return content
+
+
+NEW_REPORT_KEYS = ("text_metrics", "decoding", "samples", "sample_statistics")
 
 
 # --------------------------------------------------------------------------- #
@@ -169,19 +212,22 @@ def completion_prefixes(chunks: torch.Tensor, prefix_length: int) -> torch.Tenso
 
 def generate_completions(model, prefixes: torch.Tensor, runtime: Runtime, *,
                          continuation_length: int, top_k: int, top_p: float,
-                         batch_size: int, seed: int) -> list[list[int]]:
-    """Prefix + continuation ids of every prefix, in order (gathered across ranks)."""
+                         batch_size: int, seed: int,
+                         penalty_alpha: float | None = None) -> list[list[int]]:
+    """Prefix + continuation ids of every prefix, in order (gathered across ranks);
+    contrastive search with ``penalty_alpha``."""
     model = unwrap(model)
     mine = prefixes[runtime.rank::runtime.world_size]
     generator = None
-    if not is_greedy(top_k, top_p):
+    if penalty_alpha is None and not is_greedy(top_k, top_p):
         device = runtime.device
         generator = torch.Generator(device=device)
         generator.manual_seed(seed + runtime.rank)
     with runtime.autocast():
         completions = generate_continuations(
             model, mine, continuation_length, top_k=top_k, top_p=top_p, batch_size=batch_size,
-            generator=generator, progress=runtime.show_progress).cpu().tolist()
+            generator=generator, penalty_alpha=penalty_alpha,
+            progress=runtime.show_progress).cpu().tolist()
     if not runtime.distributed:
         return completions
     gathered = runtime.gather_objects(completions)
@@ -191,28 +237,79 @@ def generate_completions(model, prefixes: torch.Tensor, runtime: Runtime, *,
     return ordered
 
 
+def completion_report(tokenizer, samples: list[list[list[int]]], prefix_length: int, split: str,
+                      *, seeds: list[int], decoding: dict,
+                      references: list[list[int]] | None = None) -> dict:
+    """The completion results of one or more samples (``samples[s]``: prefix +
+    continuation ids of every prefix, sample ``s``, drawn with ``seeds[s]``).
+
+    The original's ``bpe_metrics``, ``word_metrics``, ``uniq`` and ``completions``
+    (:class:`scalegrad.metrics.CompletionMetrics`) of the first sample, as before;
+    ``text_metrics``: the 2022 papers' columns (rep-2/3/4, diversity, gen-length,
+    word seq-rep-N, uniq-seq) of the decoded continuations, their mean and std over
+    the samples, and the human row of ``references`` (the true continuations' ids),
+    by :func:`scalegrad.text_metrics.score_samples` (``docs/metrics-2022.md``);
+    ``decoding``. With several samples also ``samples`` (each sample's seed and
+    original metrics and completions) and ``sample_statistics`` (``mean`` and
+    ``std`` over the samples of every original metric).
+    """
+    from ..text_metrics import score_samples, summarize_samples
+
+    per_sample = []
+    for ids in samples:
+        metrics = CompletionMetrics(tokenizer, prefix_length)
+        metrics.update(ids)
+        per_sample.append(metrics.report(split))
+    report = dict(per_sample[0])
+    prefix_texts = [decode_ids(tokenizer, row[:prefix_length]) for row in samples[0]]
+    continuations = [[decode_ids(tokenizer, row[prefix_length:]) for row in ids] for ids in samples]
+    reference_texts = None
+    if references is not None:
+        reference_texts = [decode_ids(tokenizer, ids) for ids in references]
+    report["text_metrics"] = score_samples(prefix_texts, continuations, reference_texts)
+    report["text_metrics"]["seeds"] = list(seeds)
+    report["decoding"] = decoding
+    if len(samples) > 1:
+        report["samples"] = [{"seed": seed, **sample} for seed, sample in zip(seeds, per_sample)]
+        flat = [{**sample["bpe_metrics"], **sample["word_metrics"], "uniq": sample["uniq"]}
+                for sample in per_sample]
+        mean, std = summarize_samples(flat)
+        report["sample_statistics"] = {"mean": mean, "std": std}
+    return report
+
+
 def eval_completion(model, tokenizer, chunks: torch.Tensor, runtime: Runtime, args) -> dict | None:
-    """``docs/reference.md``, section 3: continue every prefix and measure the continuations.
+    """``docs/reference.md``, section 3: continue every prefix and measure the continuations
+    (``--num-samples`` times with sampling, see :func:`completion_report`).
 
     Returns the report (``bpe_metrics``, ``word_metrics``, ``uniq``,
-    ``completions``) on rank 0, ``None`` on the other ranks.
+    ``completions`` and the new keys) on rank 0, ``None`` on the other ranks.
     """
     prefixes = completion_prefixes(chunks, args.prefix_length)
     per_chunk = prefixes.size(0) // max(chunks.size(0), 1)
     batch_size = args.completion_batch_size or per_chunk
+    penalty_alpha = getattr(args, "penalty_alpha", None)
+    seeds = sample_seeds(args)
     if runtime.is_main:
+        if penalty_alpha is not None:
+            how = f"contrastive search, alpha {penalty_alpha}, top-k {args.top_k}"
+        elif is_greedy(args.top_k, args.top_p):
+            how = "greedy"
+        else:
+            how = f"top-k {args.top_k}, top-p {args.top_p}, {len(seeds)} sample(s)"
         logger.info("continuing %d prefixes of %d tokens by %d tokens (%s), %d at a time",
-                    prefixes.size(0), args.prefix_length, args.continuation_length,
-                    "greedy" if is_greedy(args.top_k, args.top_p)
-                    else f"top-k {args.top_k}, top-p {args.top_p}", batch_size)
-    completions = generate_completions(
+                    prefixes.size(0), args.prefix_length, args.continuation_length, how,
+                    batch_size)
+    samples = [generate_completions(
         model, prefixes, runtime, continuation_length=args.continuation_length,
-        top_k=args.top_k, top_p=args.top_p, batch_size=batch_size, seed=args.seed)
+        top_k=args.top_k, top_p=args.top_p, batch_size=batch_size, seed=seed,
+        penalty_alpha=penalty_alpha) for seed in seeds]
     if not runtime.is_main:
         return None
-    metrics = CompletionMetrics(tokenizer, args.prefix_length)
-    metrics.update(completions)
-    return metrics.report(args.eval_split)
+    references = human_continuations(chunks, args.prefix_length, args.continuation_length)
+    return completion_report(tokenizer, samples, args.prefix_length, args.eval_split, seeds=seeds,
+                             decoding=decoding_record(args.top_k, args.top_p, penalty_alpha, seeds),
+                             references=references)
 
 
 def model_config_dict(model) -> dict:

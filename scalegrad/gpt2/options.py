@@ -144,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
              "each process takes cuda:LOCAL_RANK)")
     add("--fp16", action="store_true", help="float16 autocast (CUDA only); the loss stays float32")
     add("--bf16", action="store_true", help="bfloat16 autocast; the loss stays float32")
+    add("--penalty-alpha", type=float, default=None, metavar="A",
+        help="completion evaluation by contrastive search (Su et al., 2022): at each step the "
+             "--top-k K most probable tokens v are scored (1 - A) * p(v) - A * (max cosine "
+             "between v's final hidden state and those of the prefix and the tokens generated "
+             "so far), the best taken; A in [0, 1] (0: greedy), needs --top-k K > 1 and "
+             "--top-p 0. Batched, with the key/value cache (docs/contrastive-search.md)")
+    add("--num-samples", type=int, default=None, metavar="N",
+        help="sampling decodings (--top-k / --top-p other than greedy): N continuations per "
+             "prefix, sample i drawn with seed --seed + i; the result file holds each "
+             "sample's metrics and every metric's mean and std over the samples (its name "
+             "ends in __samples_N when N > 1). Not given: one sample, as the original")
     add("--completion-batch-size", type=int, default=None,
         help="prefixes continued together in completion evaluation; default: the prefixes of "
              "one chunk, as the original (greedy results do not depend on it)")
@@ -297,6 +308,7 @@ def check_args(args: argparse.Namespace) -> None:
              f"--continuation-length must be at least 1, got {args.continuation_length}")
     _require(args.top_k >= 0, f"--top-k must be >= 0 (1 with --top-p 0 is greedy), got {args.top_k}")
     _require(0.0 <= args.top_p <= 1.0, f"--top-p must be between 0 and 1, got {args.top_p}")
+    _check_decoding(args)
     _require(0.0 <= args.sequence_tune_rate <= 1.0,
              f"--sequence-tune-rate must be between 0 and 1, got {args.sequence_tune_rate}")
     if args.sequence_tune_rate > 0:
@@ -351,6 +363,25 @@ def check_objective(args: argparse.Namespace) -> None:
         _require(not args.fused_loss,
                  f"--fused-loss computes ScaleGrad only; it cannot be combined with --objective "
                  f"{args.objective}: drop --fused-loss")
+
+
+def _check_decoding(args: argparse.Namespace) -> None:
+    """``--penalty-alpha`` and ``--num-samples`` (docs/contrastive-search.md)."""
+    from ..generation import check_contrastive, is_greedy
+
+    if args.penalty_alpha is not None:
+        check_contrastive(args.penalty_alpha, args.top_k, args.top_p)
+    if args.num_samples is not None:
+        _require(args.num_samples >= 1, f"--num-samples must be at least 1, got {args.num_samples}")
+        _require(args.penalty_alpha is None,
+                 "--num-samples draws several samples; contrastive search (--penalty-alpha) is "
+                 "deterministic: leave one of them out")
+        _require(not is_greedy(args.top_k, args.top_p),
+                 "--num-samples draws several samples; greedy decoding (--top-k 1 --top-p 0) "
+                 "gives one continuation: sample with --top-k K > 1 or --top-p P > 0")
+        if args.mode == "train":
+            raise UserError("--num-samples applies to completion evaluation (--mode "
+                            "eval-completion or eval-both), not --mode train")
 
 
 def accumulation_steps(args: argparse.Namespace) -> int:

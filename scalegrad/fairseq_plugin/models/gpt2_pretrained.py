@@ -49,7 +49,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model
 from torch import Tensor
 
-from ...hf import cache_argument, check_linear_head, hf_config_from_dict, returned_cache
+from ...hf import (cache_argument, check_linear_head, hf_config_from_dict, reorder_cache,
+                   returned_cache)
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class GPT2PretrainedDecoder(FairseqIncrementalDecoder):
                                   new_order: Tensor):
         saved = self.get_incremental_state(incremental_state, "hf")
         if saved and saved.get("cache") is not None:
-            saved["cache"].reorder_cache(new_order)
+            saved["cache"] = reorder_cache(saved["cache"], new_order)
 
     # -- distributions -------------------------------------------------------
 
