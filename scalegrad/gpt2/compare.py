@@ -41,7 +41,8 @@ import yaml
 from ..demo import SCRIPTS, Demo, flags
 from ..errors import UserError, reports_user_errors
 from ..io import atomic_path, write_json
-from ..report import Row, completion_values, plot_against_ppl, render, singletoken_values
+from ..report import (Row, completion_values, human_text_values, plot_against_ppl, render,
+                      singletoken_values, text_metric_values)
 from .options import build_parser, check_args
 
 SECTIONS = ("output_dir", "data", "model", "common", "pretrain", "finetune", "objectives",
@@ -67,11 +68,12 @@ DECODING_KINDS = {
     "greedy": {"required": (), "fixed": {"top_k": 1, "top_p": 0.0}},
     "top-k": {"required": ("top_k",), "fixed": {"top_p": 0.0}},
     "top-p": {"required": ("top_p",), "fixed": {"top_k": 0}},
+    "contrastive": {"required": ("penalty_alpha", "top_k"), "fixed": {"top_p": 0.0}},
 }
 
-#: The table's columns: the paper's, then those of the newer papers when the results have them.
+#: The table's columns: the paper's; the report adds those of the 2022 papers that the
+#: results have (rep-2/3/4, diversity, gen-length, MAUVE, coherence: docs/metrics-2022.md).
 PAPER_COLUMNS = ["seq-rep-4", "uniq-seq", "ppl", "acc", "rep", "wrep", "uniq"]
-EXTRA_COLUMNS = ["rep-2", "rep-3", "rep-4", "diversity", "mauve", "coherence", "gen-length"]
 LABELS = ("run", "model", "decoding")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 #: common-section flags that the evaluation stages take too (the others are training flags).
@@ -183,6 +185,8 @@ class Comparison(Demo):
         if decoding is not None:
             kind = DECODING_KINDS[decoding["kind"]]
             opts.update({**kind["fixed"], **{k: v for k, v in decoding.items() if k != "kind"}})
+        # "{out}" in a value stands for the output folder (a featurizer: "{out}/pretrain").
+        opts = {k: v.format(out=self.out) if isinstance(v, str) else v for k, v in opts.items()}
         return [str(SCRIPTS / "run_gpt2.py"), "--mode", mode, "--model-name", name,
                 "--model-load-dir", str(self.out / "train" / name), "--data-base", str(self.data),
                 "--output-dir", str(out_dir), *flags(opts)]
@@ -217,10 +221,18 @@ class Comparison(Demo):
         stage's time."""
         if done and not self.force:
             return
+        timings = self._timings()
+        if timings.pop(stage, None) is not None:  # redone: not finished until it ends again
+            write_json(self.out / "timings.json", timings, indent=2)
         self._run(stage, self.plan[stage])
         timings = self._timings()
         timings[stage] = self.timings[stage]
         write_json(self.out / "timings.json", timings, indent=2)
+
+    def _trained(self, stage: str, out_dir: Path) -> bool:
+        """A training is done when its stage finished (``timings.json``) and its model is
+        there: ``model.safetensors`` alone also appears at each ``--save-every``."""
+        return stage in self._timings() and (out_dir / "model.safetensors").exists()
 
     def _timings(self) -> dict:
         path = self.out / "timings.json"
@@ -233,9 +245,9 @@ class Comparison(Demo):
             self.init_model(self.data)
             write_json(self.out / "timings.json", {**self._timings(), "prepare data and model":
                                                    round(time.perf_counter() - start, 1)}, indent=2)
-        self._stage("pretrain", (self.out / "pretrain" / "model.safetensors").exists())
+        self._stage("pretrain", self._trained("pretrain", self.out / "pretrain"))
         for name in self.config["objectives"]:
-            self._stage(f"train {name}", (self.out / "train" / name / "model.safetensors").exists())
+            self._stage(f"train {name}", self._trained(f"train {name}", self.out / "train" / name))
             self._stage(f"evaluate {name}", any(self._eval_dir(name, "singletoken").glob("singletoken__*.json")))
             for decoding in self.config["decodings"]:
                 self._stage(f"decode {name} {decoding}",
@@ -265,17 +277,22 @@ class Comparison(Demo):
                 label += f" (from {entry['start_from']})"
             for decoding in self.config["decodings"]:
                 result = _result(self._eval_dir(name, decoding), "completion__*.json")
-                values = {**completion_values(result, split), **token_values}
-                rows.append(Row(name, label, split, decoding, values))
+                text_values, std = text_metric_values(result)  # docs/metrics-2022.md
+                values = {**completion_values(result, split), **token_values, **text_values}
+                values.update(_sample_means(result, split))
+                rows.append(Row(name, label, split, decoding, values, std=std))
+                for column, value in human_text_values(result).items():
+                    human.values.setdefault(column, value)
         return rows + ([human] if human is not None else [])
 
     def write_outputs(self, rows: list[Row]) -> dict:
-        columns = PAPER_COLUMNS + [c for c in EXTRA_COLUMNS if any(r.values.get(c) is not None for r in rows)]
+        tables = {fmt: render(rows, fmt, columns=PAPER_COLUMNS, labels=LABELS) for fmt in ("markdown", "csv")}
+        columns = tables["csv"].splitlines()[0].split(",")[len(LABELS):]
         for fmt, suffix in (("markdown", "md"), ("csv", "csv")):
             with atomic_path(self.out / f"comparison.{suffix}") as tmp:
-                tmp.write_text(render(rows, fmt, columns=columns, labels=LABELS), encoding="utf-8")
+                tmp.write_text(tables[fmt], encoding="utf-8")
         plots = [plot_against_ppl(rows, self.out / "seq_rep_vs_ppl.png", "seq-rep-4")]
-        if "diversity" in columns:
+        if any(r.values.get("diversity") is not None for r in rows):
             plots.append(plot_against_ppl(rows, self.out / "diversity_vs_ppl.png", "diversity",
                                           lower_is_better=False))
         baseline = next(iter(self.config["objectives"]))
@@ -285,11 +302,19 @@ class Comparison(Demo):
             "csv": str(self.out / "comparison.csv"),
             "plots": [str(p) for p in plots],
             "columns": columns,
-            "rows": [{"run": r.run, "model": r.model, "decoding": r.decoding,
-                      **{c: r.values.get(c) for c in columns}} for r in rows],
+            "rows": [{"run": r.run, "model": r.model, "decoding": r.decoding, **r.values,
+                      **{f"{c} std": v for c, v in r.std.items()}} for r in rows],
             "baseline": baseline,
             "baseline_greedy_seq_rep_4": greedy.values.get("seq-rep-4") if greedy else None,
         }
+
+
+def _sample_means(result: dict, split: str) -> dict:
+    """With several samples: seq-rep-4 and uniq-seq as their means over the samples
+    (the result's own ``bpe_metrics`` and ``uniq`` are its first sample's)."""
+    mean = (result.get("sample_statistics") or {}).get("mean") or {}
+    values = {"seq-rep-4": mean.get(f"bpe_{split}/pct_repeat_4grams"), "uniq-seq": mean.get("uniq")}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _result(directory: Path, pattern: str) -> dict:

@@ -50,8 +50,9 @@ __all__ = ["StepModel", "token_loss", "token_unlikelihood_loss", "fused_token_lo
 OBJECTIVES = ("token", "fused", "candidate_penalty_cross_entropy", "contrastive_token", "simctg",
               "sequence")
 
-#: The terms of the contrastive objectives' logging outputs (sums over the chunk's tokens).
-CONTRASTIVE_TERMS = ("ct_loss", "simctg_loss")
+#: The terms added to the cross-entropy in the logging outputs of the contrastive objectives
+#: and of token-level unlikelihood (sums over the chunk's tokens).
+CONTRASTIVE_TERMS = ("ct_loss", "simctg_loss", "ul_loss")
 
 
 def token_step_kind(args) -> str:
@@ -90,21 +91,19 @@ def token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime):
 
 
 def token_unlikelihood_loss(model, chunk: torch.Tensor, alpha: float, runtime: Runtime):
-    """Token-level unlikelihood of one chunk (``docs/reference.md``, section 6, the
-    ``candidate_penalty_cross_entropy`` criterion): ``(loss / n, logging_output)`` with
-    ``loss = NLL + alpha * sum_c -log(max(1 - p(c), 1e-5))``, the candidates ``c`` of a
-    position being the distinct earlier targets of the chunk other than its own target.
-    A chunk holds no padding, so there is no padding candidate (``ignore_padding``).
-    ``logging_output["loss"]`` is the NLL alone, as the criterion logs it, so the
-    reported perplexity stays the model's."""
+    """``--objective candidate_penalty_cross_entropy``: token-level unlikelihood of one chunk
+    (``docs/reference.md``, section 6, the fairseq criterion of that name):
+    ``(loss / n, logging_output)`` with ``loss = NLL + alpha * sum_c -log(max(1 - p(c),
+    1e-5))``, the candidates ``c`` of a position being the distinct earlier targets of the
+    chunk other than its own target (:func:`scalegrad.unlikelihood.candidate_penalty_loss`;
+    a chunk holds no padding, so there is no padding candidate). Logged as the contrastive
+    objectives are: ``nll`` and the term ``ul_loss``."""
     inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
     with runtime.autocast():
         logits = model(input_ids=inp).logits
     lprobs = F.log_softmax(logits[0].float(), dim=-1)
-    nll, penalty = candidate_penalty_loss(lprobs, target[0], padding_idx=-1, ignore_padding=True)
-    ntokens = inp.numel()
-    logging_output = chunk_logging_output(logits[0].detach().float(), target[0], nll.item())
-    return (nll + alpha * penalty) / ntokens, logging_output
+    _, penalty = candidate_penalty_loss(lprobs, target[0], padding_idx=-1, ignore_padding=True)
+    return _cross_entropy_plus(logits, target, alpha * penalty / target.numel(), "ul_loss")
 
 
 def fused_token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime, chunk_size: int):
