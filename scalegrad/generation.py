@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .hf import accepts, cache_argument, reorder_cache, returned_cache
+from .hf import accepts, cache_argument, check_linear_head, reorder_cache, returned_cache
 
 
 def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
@@ -201,10 +201,12 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
     ``context_hidden`` ``(B, S, E)`` and ``context_mask`` (see
     :func:`contrastive_scores`): the prefix's final hidden states. ``stepper``
     holds the decoder's state (its key/value cache) and has ``reorder(rows)``
-    (its rows become ``rows``, a LongTensor of row indices, repeats allowed) and
-    ``extend(tokens)`` (feed one ``(N, 1)`` token per row; returns the ``(N, V)``
-    logits and ``(N, E)`` final hidden states after it). ``banned_token`` (a
-    padding id, say) is never a candidate.
+    (its rows become ``rows``, a LongTensor of row indices, repeats allowed),
+    ``extend(tokens)`` (feed one ``(N, 1)`` token per row; returns the ``(N, E)``
+    final hidden states after it) and ``next_logits()`` (the ``(N, V)`` logits
+    after the last token fed to each row it now holds: only the chosen
+    candidates' are asked for, so a decoder can apply its output layer to those
+    rows alone). ``banned_token`` (a padding id, say) is never a candidate.
     """
     rows = logits.size(0)
     top_k = min(top_k, logits.size(-1))
@@ -219,7 +221,7 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
         candidate_ids = torch.topk(logits, top_k, dim=-1).indices  # (B, K)
         candidate_probs = probs.gather(1, candidate_ids)
         stepper.reorder(arange.repeat_interleave(top_k))
-        candidate_logits, candidate_hidden = stepper.extend(candidate_ids.reshape(-1, 1))
+        candidate_hidden = stepper.extend(candidate_ids.reshape(-1, 1))
         candidate_hidden = candidate_hidden.reshape(rows, top_k, -1)
         scores = contrastive_scores(context_hidden, context_mask, candidate_hidden,
                                     candidate_probs, penalty_alpha)
@@ -227,7 +229,7 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
         chosen = arange * top_k + best
         stepper.reorder(chosen)
         generated.append(candidate_ids.gather(1, best[:, None]))
-        logits = candidate_logits[chosen]
+        logits = stepper.next_logits()
         context_hidden = torch.cat([context_hidden, candidate_hidden[arange, best][:, None]], dim=1)
         if context_mask is not None:
             context_mask = torch.cat([context_mask, context_mask.new_ones(rows, 1)], dim=1)
@@ -239,20 +241,32 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
 class HFStepper:
     """A Hugging Face causal LM's state during contrastive search: its key/value cache
     (:func:`scalegrad.hf.reorder_cache`), and, for padded rows, the attention mask
-    and the next position id of each row. See :func:`contrastive_steps`."""
+    and the next position id of each row. See :func:`contrastive_steps`.
+
+    When the model's logits are its last hidden state times its output embedding
+    (:func:`scalegrad.hf.check_linear_head`: GPT-2 and most causal LMs), the K
+    candidates go through the base model only and the output embedding is applied
+    to the chosen rows alone (K times fewer vocabulary projections); otherwise the
+    whole model runs on every candidate.
+    """
 
     def __init__(self, model):
         self.model = model
-        self.cache_keyword = cache_argument(model)
         self.extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
         self.cache = None
         self.mask = None
         self.next_position = None
+        self.base = self.head = None
+        self.last = None  # per row: the last hidden state (with a linear head) or logits
 
     def start(self, prefixes: torch.Tensor, mask: torch.Tensor | None = None):
         """Read the left-padded ``prefixes`` (``mask``: ``None`` when there is no
         padding); returns the last position's logits ``(B, V)``, the final hidden
         states ``(B, P, E)`` and their mask (``None`` without padding)."""
+        try:
+            self.base, self.head = check_linear_head(self.model, prefixes[:1, -4:])
+        except ValueError:
+            self.base = self.head = None
         inputs = {}
         if mask is not None:
             self.mask = mask.to(torch.int64)
@@ -260,26 +274,39 @@ class HFStepper:
                       "position_ids": (self.mask.cumsum(dim=1) - 1).clamp(min=0)}
             self.next_position = self.mask.sum(dim=1, keepdim=True)
         output = self.model(input_ids=prefixes, use_cache=True, output_hidden_states=True,
-                            **{self.cache_keyword: None}, **inputs, **self.extra)
+                            **{cache_argument(self.model): None}, **inputs, **self.extra)
         self.cache = returned_cache(output)
         return output.logits[:, -1, :], output.hidden_states[-1], mask
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache = reorder_cache(self.cache, rows)
+        if self.last is not None:
+            self.last = self.last[rows]
         if self.mask is not None:
             self.mask = self.mask[rows]
             self.next_position = self.next_position[rows]
 
-    def extend(self, tokens: torch.Tensor):
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs = {}
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(tokens.size(0), 1)], dim=1)
             inputs = {"attention_mask": self.mask, "position_ids": self.next_position}
             self.next_position = self.next_position + 1
-        output = self.model(input_ids=tokens, use_cache=True, output_hidden_states=True,
-                            **{self.cache_keyword: self.cache}, **inputs, **self.extra)
+        if self.head is not None:
+            output = self.base(input_ids=tokens, use_cache=True,
+                               **{cache_argument(self.base): self.cache}, **inputs)
+            hidden = output.last_hidden_state[:, -1, :]
+            self.last = hidden
+        else:
+            output = self.model(input_ids=tokens, use_cache=True, output_hidden_states=True,
+                                **{cache_argument(self.model): self.cache}, **inputs, **self.extra)
+            hidden = output.hidden_states[-1][:, -1, :]
+            self.last = output.logits[:, -1, :]
         self.cache = returned_cache(output)
-        return output.logits[:, -1, :], output.hidden_states[-1][:, -1, :]
+        return hidden
+
+    def next_logits(self) -> torch.Tensor:
+        return self.head(self.last) if self.head is not None else self.last
 
 
 def _left_aligned(prefixes: torch.Tensor, mask: torch.Tensor):

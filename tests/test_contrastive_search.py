@@ -218,3 +218,36 @@ def test_cuda_equals_cpu(model, prefixes):
     cuda_model = build_tiny_model(VOCAB, seed=3, n_positions=128).cuda()
     cuda = contrastive_search(cuda_model, prefixes.cuda(), 6, penalty_alpha=0.6, top_k=4)
     assert cuda.device.type == "cuda" and cuda.cpu().tolist() == cpu.tolist()
+
+
+def test_a_model_whose_logits_are_not_its_head_output():
+    """Cohere scales its logits (logit_scale): the candidates then go through the whole
+    model, and the result still equals the plain loop."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scalegrad.generation import HFStepper
+
+    config = AutoConfig.for_model("cohere", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  max_position_embeddings=64, logit_scale=0.5, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cohere = AutoModelForCausalLM.from_config(config).eval()
+    prefixes = torch.randint(0, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
+    stepper = HFStepper(cohere)
+    with torch.inference_mode():
+        stepper.start(prefixes)
+    assert stepper.head is None  # the fallback path
+    out = contrastive_search(cohere, prefixes, 6, penalty_alpha=0.6, top_k=3)
+    for row, prefix in zip(out.tolist(), prefixes.tolist()):
+        assert row == plain_contrastive(cohere, prefix, 6, 0.6, 3)
+
+
+def test_gpt2_candidates_skip_the_vocabulary_projection(model, prefixes):
+    from scalegrad.generation import HFStepper
+
+    stepper = HFStepper(model)
+    with torch.inference_mode():
+        stepper.start(prefixes)
+    assert stepper.head is model.lm_head

@@ -14,6 +14,7 @@ from scalegrad.data import load_split, save_split, split_path
 from scalegrad.errors import UserError
 from scalegrad.gpt2.driver import run
 from scalegrad.gpt2.options import parse_args
+from scalegrad.metrics import continuation_text
 from scalegrad.text_metrics import score_samples
 from tests.test_contrastive_search import plain_contrastive
 from tests.test_run_gpt2 import SCRIPT, base_argv, load_model
@@ -38,9 +39,9 @@ def evaluate(data_base, out, model_dir, *extra):
 
 
 def decode(tokenizer, ids):
-    from scalegrad.metrics import decode_ids
+    from scalegrad.metrics import decode_text
 
-    return decode_ids(tokenizer, ids)
+    return decode_text(tokenizer, ids)
 
 
 def test_contrastive_search_in_the_driver(tiny_model_dir, tiny_tokenizer, data_base, tmp_path):
@@ -70,9 +71,11 @@ def test_papers_columns_and_human_row(tiny_model_dir, tiny_tokenizer, data_base,
                 ids = tokens[start:start + 8]
                 prefixes.append(decode(tiny_tokenizer, ids.tolist()))
                 out = model.generate(ids[None], max_new_tokens=6, min_new_tokens=6, do_sample=False)
-                continuations.append(decode(tiny_tokenizer, out[0, 8:].tolist()))
+                continuations.append(continuation_text(tiny_tokenizer, out[0].tolist(), 8))
                 # the true continuation runs on into the next chunk; the last ends early
                 references.append(decode(tiny_tokenizer, tokens[start + 8:start + 14].tolist()))
+    assert result["prefixes"] == prefixes and result["continuations"] == continuations
+    assert result["references"] == references
     metrics = result["text_metrics"]
     expected = score_samples(prefixes, [continuations], references)
     for key in ("metrics", "human", "num_samples", "num_prefixes"):
@@ -95,8 +98,16 @@ def test_num_samples_seeds_reproduce(tiny_model_dir, data_base, tmp_path):
         assert samples[i]["bpe_metrics"] == alone["bpe_metrics"]
         assert result["text_metrics"]["per_sample"][i] == alone["text_metrics"]["metrics"]
     # the original keys are the first sample's; the samples differ
+        assert result["continuations"][i] == alone["continuations"]
     assert result["completions"] == samples[0]["completions"]
     assert samples[0]["completions"] != samples[1]["completions"]
+    # scalegrad-score on the result file gives the driver's numbers
+    from scalegrad.score_cli import main as score_main
+
+    assert score_main(["--generations", path, "--output", str(tmp_path / "scores.json")]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    for key in ("metrics", "std", "per_sample", "human"):
+        assert scores[key] == result["text_metrics"][key], key
     # mean and std over the samples, of the papers' columns and of the original metrics
     reps = [s["rep-2"] for s in result["text_metrics"]["per_sample"]]
     mean = sum(reps) / 3

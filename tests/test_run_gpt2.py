@@ -226,7 +226,7 @@ def test_eval_completion_equals_one_prefix_at_a_time_greedy(tiny_model_dir, tiny
     result = json.loads((out / name).read_text())
     # the original's keys first, as they were; then the 2022 papers' columns and the decoding
     assert list(result) == ["bpe_metrics", "word_metrics", "uniq", "config", "completions",
-                            "text_metrics", "decoding"]
+                            "text_metrics", "decoding", "prefixes", "continuations", "references"]
     assert result["decoding"] == {"greedy": True}
 
     model = load_model(tiny_model_dir)

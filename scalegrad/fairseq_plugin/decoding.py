@@ -130,6 +130,7 @@ class FairseqStepper:
         self.decoder = decoder
         self.state = {} if _is_incremental(model) else None
         self.tokens = None
+        self.last = None  # the features after the last token fed, per row
 
     def _features(self, tokens: torch.Tensor) -> torch.Tensor:
         try:
@@ -153,13 +154,19 @@ class FairseqStepper:
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.tokens = self.tokens[rows]
+        if self.last is not None:
+            self.last = self.last[rows]
         if self.state is not None:
             self.decoder.reorder_incremental_state_scripting(self.state, rows)
 
-    def extend(self, tokens: torch.Tensor):
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
-        hidden = self._features(self.tokens)[:, -1]
-        return self.decoder.output_layer(hidden), hidden
+        self.last = self._features(self.tokens)[:, -1]
+        return self.last
+
+    def next_logits(self) -> torch.Tensor:
+        """The output layer on the features of the rows held (the chosen candidates)."""
+        return self.decoder.output_layer(self.last)
 
 
 @torch.no_grad()

@@ -17,8 +17,9 @@ import torch
 from ..data import human_continuations, make_prefixes
 from ..generation import generate_continuations, is_greedy
 from ..io import write_json
-from ..metrics import (CompletionMetrics, aggregate_ranking_metrics, decode_ids,
-                       ranking_metrics, ranking_metrics_from_ranks, token_statistics)
+from ..metrics import (CompletionMetrics, aggregate_ranking_metrics, continuation_text,
+                       decode_text, ranking_metrics, ranking_metrics_from_ranks,
+                       token_statistics)
 from .options import result_model_name
 from ..hf import unwrap
 from .runtime import Runtime
@@ -110,7 +111,8 @@ def result_file_content(report: dict, config: dict, **extra) -> dict:
     return content
 
 
-NEW_REPORT_KEYS = ("text_metrics", "decoding", "samples", "sample_statistics")
+NEW_REPORT_KEYS = ("text_metrics", "decoding", "prefixes", "continuations", "references",
+                   "samples", "sample_statistics")
 
 
 # --------------------------------------------------------------------------- #
@@ -239,7 +241,7 @@ def generate_completions(model, prefixes: torch.Tensor, runtime: Runtime, *,
 
 def completion_report(tokenizer, samples: list[list[list[int]]], prefix_length: int, split: str,
                       *, seeds: list[int], decoding: dict,
-                      references: list[list[int]] | None = None) -> dict:
+                      references: list[list[int]] | None = None, options=None) -> dict:
     """The completion results of one or more samples (``samples[s]``: prefix +
     continuation ids of every prefix, sample ``s``, drawn with ``seeds[s]``).
 
@@ -248,8 +250,10 @@ def completion_report(tokenizer, samples: list[list[list[int]]], prefix_length: 
     ``text_metrics``: the 2022 papers' columns (rep-2/3/4, diversity, gen-length,
     word seq-rep-N, uniq-seq) of the decoded continuations, their mean and std over
     the samples, and the human row of ``references`` (the true continuations' ids),
-    by :func:`scalegrad.text_metrics.score_samples` (``docs/metrics-2022.md``);
-    ``decoding``. With several samples also ``samples`` (each sample's seed and
+    by :func:`scalegrad.text_metrics.score_samples` (``docs/metrics-2022.md``) with
+    ``options`` (a ``TextMetricOptions``; ``None``: the defaults, no model-based
+    metric); ``decoding``; the texts ``prefixes``, ``continuations`` (one list per
+    sample with several) and ``references``. With several samples also ``samples`` (each sample's seed and
     original metrics and completions) and ``sample_statistics`` (``mean`` and
     ``std`` over the samples of every original metric).
     """
@@ -261,14 +265,20 @@ def completion_report(tokenizer, samples: list[list[list[int]]], prefix_length: 
         metrics.update(ids)
         per_sample.append(metrics.report(split))
     report = dict(per_sample[0])
-    prefix_texts = [decode_ids(tokenizer, row[:prefix_length]) for row in samples[0]]
-    continuations = [[decode_ids(tokenizer, row[prefix_length:]) for row in ids] for ids in samples]
+    prefix_texts = [decode_text(tokenizer, row[:prefix_length]) for row in samples[0]]
+    continuations = [[continuation_text(tokenizer, row, prefix_length) for row in ids]
+                     for ids in samples]
     reference_texts = None
     if references is not None:
-        reference_texts = [decode_ids(tokenizer, ids) for ids in references]
-    report["text_metrics"] = score_samples(prefix_texts, continuations, reference_texts)
+        reference_texts = [decode_text(tokenizer, ids) for ids in references]
+    report["text_metrics"] = score_samples(prefix_texts, continuations, reference_texts, options)
     report["text_metrics"]["seeds"] = list(seeds)
     report["decoding"] = decoding
+    # the texts, for scalegrad-score (docs/metrics-2022.md, "Result layout")
+    report["prefixes"] = prefix_texts
+    report["continuations"] = continuations[0] if len(samples) == 1 else continuations
+    if reference_texts is not None:
+        report["references"] = reference_texts
     if len(samples) > 1:
         report["samples"] = [{"seed": seed, **sample} for seed, sample in zip(seeds, per_sample)]
         flat = [{**sample["bpe_metrics"], **sample["word_metrics"], "uniq": sample["uniq"]}
