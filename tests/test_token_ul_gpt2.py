@@ -50,12 +50,13 @@ def test_the_step_equals_the_dense_token_unlikelihood(tiny_tokenizer, small_data
     expected = dense_token_ul(logits, chunk[1:], 0.7)
     nll = F.cross_entropy(logits, chunk[1:])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert loss.item() > nll.item() + 0.01  # the penalty is there
+    assert loss.item() > nll.item() + 1e-3  # the penalty is there (small: p(c) is about 1/V)
     assert log["loss"] == pytest.approx(expected.item() * 16, rel=1e-5)
     assert log["nll"] == pytest.approx(nll.item() * 16, rel=1e-5)
     report = training_report([log])
     assert report["nll_loss"] == pytest.approx(nll.item() / math.log(2), rel=1e-5)
-    assert report["ul_loss"] == pytest.approx((expected - nll).item() / math.log(2), rel=1e-4)
+    # float32 sums of about 95: the difference is known to about 1e-5
+    assert report["ul_loss"] == pytest.approx((expected - nll).item() / math.log(2), abs=2e-5)
     # Gradients too: the step's loss is the dense one.
     model.zero_grad()
     loss.backward()
