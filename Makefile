@@ -1,7 +1,7 @@
 # The README's Quickstart. Each target sets up .venv/ first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-fairseq test bench docs docs-serve
+.PHONY: setup demo demo-fairseq compare test bench docs docs-serve
 setup:
 	bash scripts/setup_env.sh
 
@@ -12,6 +12,11 @@ demo: setup
 # The fairseq route: fairseq-train --criterion scalegrad on the same corpus.
 demo-fairseq: setup
 	bash scripts/demo_fairseq.sh
+
+# Every objective against repetition on the same data, one table (configs/compare.yaml,
+# docs/compare.md).
+compare: setup
+	$(PY) scripts/compare.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -88,6 +88,7 @@ setup(
             "scalegrad-score = scalegrad.score_cli:main",
             "scalegrad-evaluate-fairseq = scalegrad.fairseq_plugin.eval_cli:main",
             "scalegrad-export-hf = scalegrad.fairseq_plugin.export_cli:main",
+            "scalegrad-compare = scalegrad.gpt2.compare:main",
         ],
     },
 )

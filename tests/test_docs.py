@@ -38,6 +38,7 @@ SCRIPTS = {
     "benchmarks/run": "benchmarks/run.py",
     "benchmarks/triton_bench": "benchmarks/triton_bench.py",
     "score_generations": "scripts/score_generations.py",
+    "compare": "scripts/compare.py",
     "benchmarks/contrastive_search": "benchmarks/contrastive_search.py",
     "benchmarks/large_vocab": "benchmarks/large_vocab.py",
 }
@@ -48,6 +49,7 @@ CONSOLE_SCRIPTS = {
     "scalegrad-evaluate-fairseq": "evaluate_fairseq",
     "scalegrad-export-hf": "export_fairseq_to_hf",
     "scalegrad-score": "score_generations",
+    "scalegrad-compare": "compare",
 }
 # The pages that together document each flag of a command (a flag documented on its own
 # page, say docs/objectives.md, adds that page here).
@@ -56,6 +58,7 @@ FLAG_PAGES = {
                  "docs/metrics-2022.md"),
     "evaluate_fairseq": ("docs/fairseq.md", "docs/contrastive-search.md", "docs/metrics-2022.md"),
     "score_generations": ("docs/metrics-2022.md",),
+    "compare": ("docs/compare.md",),
     "prepare_data": ("docs/data.md",),
     "report_metrics": ("docs/reports.md",),
     "export_fairseq_to_hf": ("docs/fairseq.md",),

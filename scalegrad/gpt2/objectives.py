@@ -3,6 +3,8 @@ sections 5 and 7): the loss to back-propagate and the chunk's logging output.
 
 - :func:`token_loss`: the ScaleGrad loss from the model's logits
   (:func:`scalegrad.losses.scalegrad_loss`);
+- :func:`token_unlikelihood_loss` (``--objective candidate_penalty_cross_entropy``): token-level unlikelihood, NLL plus
+  alpha times the candidate penalty (:func:`scalegrad.unlikelihood.candidate_penalty_loss`);
 - :func:`fused_token_loss` (``--fused-loss``): the same loss from the last hidden
   state and the output embedding (:func:`scalegrad.fused.fused_linear_scalegrad_loss`),
   its metrics from the same chunks of logits (one pass);
@@ -37,20 +39,22 @@ from ..hf import accepts, check_linear_head, linear_head, unwrap
 from ..losses import scalegrad_loss
 from ..metrics import (aggregate_ranking_metrics, aggregate_sequence_metrics, ngram_metric_sums,
                        ranking_metrics_from_ranks)
-from ..unlikelihood import ngram_repeat_mask, sequence_penalty_loss
+from ..unlikelihood import candidate_penalty_loss, ngram_repeat_mask, sequence_penalty_loss
 from .evaluate import chunk_logging_output
 from .runtime import Runtime
 
-__all__ = ["StepModel", "token_loss", "fused_token_loss", "contrastive_token_step",
-           "fused_contrastive_token_step", "simctg_step",
+__all__ = ["StepModel", "token_loss", "token_unlikelihood_loss", "fused_token_loss",
+           "contrastive_token_step", "fused_contrastive_token_step", "simctg_step",
            "sequence_loss", "check_fused_model", "training_report", "objective_description",
            "token_step_kind", "OBJECTIVES"]
 
 #: The kinds of step :meth:`StepModel.forward` runs.
-OBJECTIVES = ("token", "fused", "contrastive_token", "fused_contrastive_token", "simctg", "sequence")
+OBJECTIVES = ("token", "fused", "candidate_penalty_cross_entropy", "contrastive_token",
+              "fused_contrastive_token", "simctg", "sequence")
 
-#: The terms of the contrastive objectives' logging outputs (sums over the chunk's tokens).
-CONTRASTIVE_TERMS = ("ct_loss", "simctg_loss")
+#: The terms added to the cross-entropy in the logging outputs of the contrastive objectives
+#: and of token-level unlikelihood (sums over the chunk's tokens).
+CONTRASTIVE_TERMS = ("ct_loss", "simctg_loss", "ul_loss")
 
 
 def token_step_kind(args) -> str:
@@ -69,6 +73,8 @@ def objective_description(args) -> dict:
                      "preced_m_negatives": args.ct_preced_m_negatives}
     elif args.objective == "simctg":
         described = {"name": "simctg", "margin": args.simctg_margin}
+    elif args.objective == "candidate_penalty_cross_entropy":
+        described = {"name": "candidate_penalty_cross_entropy", "rank_alpha": args.rank_alpha}
     else:
         described = {"name": "scalegrad", "gamma": args.gamma}
     described["sequence_tune_rate"] = args.sequence_tune_rate
@@ -86,6 +92,22 @@ def token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime):
     ntokens = inp.numel()
     logging_output = chunk_logging_output(logits[0].detach().float(), target[0], loss.item())
     return loss / ntokens, logging_output
+
+
+def token_unlikelihood_loss(model, chunk: torch.Tensor, alpha: float, runtime: Runtime):
+    """``--objective candidate_penalty_cross_entropy``: token-level unlikelihood of one chunk
+    (``docs/reference.md``, section 6, the fairseq criterion of that name):
+    ``(loss / n, logging_output)`` with ``loss = NLL + alpha * sum_c -log(max(1 - p(c),
+    1e-5))``, the candidates ``c`` of a position being the distinct earlier targets of the
+    chunk other than its own target (:func:`scalegrad.unlikelihood.candidate_penalty_loss`;
+    a chunk holds no padding, so there is no padding candidate). Logged as the contrastive
+    objectives are: ``nll`` and the term ``ul_loss``."""
+    inp, target = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+    with runtime.autocast():
+        logits = model(input_ids=inp).logits
+    lprobs = F.log_softmax(logits[0].float(), dim=-1)
+    _, penalty = candidate_penalty_loss(lprobs, target[0], padding_idx=-1, ignore_padding=True)
+    return _cross_entropy_plus(logits, target, alpha * penalty / target.numel(), "ul_loss")
 
 
 def fused_token_loss(model, chunk: torch.Tensor, gamma: float, runtime: Runtime, chunk_size: int):
@@ -260,6 +282,8 @@ class StepModel(torch.nn.Module):
             return token_loss(self.model, chunk, args.gamma, runtime)
         if objective == "fused":
             return fused_token_loss(self.model, chunk, args.gamma, runtime, args.fused_chunk_size)
+        if objective == "candidate_penalty_cross_entropy":
+            return token_unlikelihood_loss(self.model, chunk, args.rank_alpha, runtime)
         if objective == "contrastive_token":
             return contrastive_token_step(self.model, chunk, args, runtime)
         if objective == "fused_contrastive_token":

@@ -26,7 +26,7 @@ from ..errors import UserError
 MODES = ("train", "eval-singletoken", "eval-completion", "eval-both")
 #: ``--objective``: the token-level training objective (docs/objectives.md); the names
 #: of the fairseq criteria.
-OBJECTIVE_CHOICES = ("scalegrad", "contrastive_token", "simctg")
+OBJECTIVE_CHOICES = ("scalegrad", "candidate_penalty_cross_entropy", "contrastive_token", "simctg")
 SPLIT_CHOICES = ("train", "valid", "test")
 
 #: The original's parser defaults, for docs/gpt2-driver.md and the tests.
@@ -109,14 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
              "continuations of the chunk's prefixes (the parent script's default was 0.5)")
     add("--sequence-ngram-n", type=int, default=4,
         help="N of the repeated N-grams that sequence-level unlikelihood penalises")
-
     # ---- the objectives ScaleGrad is compared with (docs/objectives.md) ----
     add("--objective", choices=OBJECTIVE_CHOICES, default="scalegrad",
         help="the token-level training loss: scalegrad (with --gamma; 1.0 is maximum "
-             "likelihood), contrastive_token (cross-entropy + the contrastive-token loss of "
+             "likelihood), candidate_penalty_cross_entropy (token-level unlikelihood, with "
+             "--rank-alpha), contrastive_token (cross-entropy + the contrastive-token loss of "
              "Jiang et al. 2022, with --ct-length and --ct-preced-m-negatives) or simctg "
              "(cross-entropy + SimCTG's margin loss on the last hidden states, Su et al. "
              "2022, with --simctg-margin); --sequence-tune-rate steps mix in with any of them")
+    add("--rank-alpha", type=float, default=1.0,
+        help="--objective candidate_penalty_cross_entropy (token-level unlikelihood, Welleck "
+             "et al. 2019): the loss is NLL + RANK_ALPHA * the candidate penalty over the "
+             "chunk's previous targets, as the fairseq criterion of that name")
     add("--ct-length", type=float, default=0.25,
         help="--objective contrastive_token: the leading positions of each chunk the CT term "
              "scores, a fraction of the chunk (<= 1) or a count (> 1), as ct-loss's ct_length")
@@ -354,14 +358,16 @@ def check_objective(args: argparse.Namespace) -> None:
         check_margin(args.simctg_margin, name="--simctg-margin")
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    _require(math.isfinite(args.rank_alpha) and args.rank_alpha >= 0,
+             f"--rank-alpha must be a number >= 0, got {args.rank_alpha}")
     if args.objective != "scalegrad":
         _require(args.gamma == 1.0,
                  f"--gamma {args.gamma} is ScaleGrad's and cannot be combined with --objective "
                  f"{args.objective} (which trains with cross-entropy plus its own term); drop "
                  f"--gamma or use --objective scalegrad")
-        _require(not (args.fused_loss and args.objective == "simctg"),
-                 "--fused-loss computes ScaleGrad or the contrastive-token objective; it cannot be "
-                 "combined with --objective simctg: drop --fused-loss")
+        _require(not (args.fused_loss and args.objective in ("simctg", "candidate_penalty_cross_entropy")),
+                 f"--fused-loss computes ScaleGrad or the contrastive-token objective; it cannot be "
+                 f"combined with --objective {args.objective}: drop --fused-loss")
 
 
 def _check_decoding(args: argparse.Namespace) -> None:

@@ -69,7 +69,7 @@ def _args_snapshot(args) -> dict:
 _TRAJECTORY_FLAGS = ("seed", "gamma", "learning_rate", "adam_epsilon", "weight_decay",
                      "warmup_steps", "max_steps", "num_train_epochs", "train_batch_size",
                      "train_n_steps", "gradient_accumulation_steps", "max_grad_norm",
-                     "sequence_tune_rate", "sequence_ngram_n", "prefix_length",
+                     "sequence_tune_rate", "sequence_ngram_n", "rank_alpha", "prefix_length",
                      "continuation_length", "top_k", "top_p", "enable_dropout",
                      "exact_train_n_steps", "adamw", "fp16", "bf16", "objective", "ct_length",
                      "ct_preced_m_negatives", "simctg_margin")
