@@ -96,7 +96,7 @@ def test_training_with_token_unlikelihood_lowers_it(tiny_model_dir, small_data_b
 @pytest.mark.parametrize("extra, message", [
     (("--rank-alpha", -1), "--rank-alpha must be a number >= 0"),
     (("--gamma", 0.5), "--gamma 0.5 is ScaleGrad's"),
-    (("--fused-loss",), "--fused-loss computes ScaleGrad only"),
+    (("--fused-loss",), "--fused-loss computes ScaleGrad or the contrastive-token objective"),
 ])
 def test_bad_flags_are_one_error(small_data_base, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
