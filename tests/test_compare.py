@@ -106,3 +106,17 @@ def test_bad_config_is_one_error_line_and_writes_nothing(tmp_path, edit, message
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert message in err
     assert not out.exists()
+
+
+def test_the_shakespeare_corpus_is_the_plays_as_plain_paragraphs():
+    from scalegrad import data
+
+    text = data.shakespeare_corpus_text()
+    assert text == data.CORPORA["shakespeare"]()  # the same text on every call
+    assert 4_500_000 < len(text) < 5_500_000
+    paragraphs = text.split("\n\n")
+    assert "HAMLET: To be, or not to be: that is the question:" in text
+    assert paragraphs[0] == "A Midsummer Night's Dream"
+    assert not any(mark in text for mark in ("**", "\n#", "# ACT"))
+    speeches = [p for p in paragraphs if p.split(":")[0].isupper() and ":" in p]
+    assert len(speeches) > 25_000
