@@ -17,6 +17,7 @@ rather than at build time. See docs/large-vocabularies.md.
 
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -149,7 +150,11 @@ class ScaleGradCriterion(FairseqCriterion):
                 print("error: --fused-loss (criterion.fused_loss) cannot be used with an adaptive softmax "
                       "(--adaptive-softmax-cutoff): its output is not one projection of the features; drop "
                       "--fused-loss or the adaptive softmax", file=sys.stderr, flush=True)
-                raise SystemExit(2)
+                # Nothing is written before the first batch. A SystemExit raised here, inside
+                # fairseq's training step, ends in "terminate called without an active
+                # exception" (SIGABRT) at interpreter exit: leave at once instead.
+                sys.stdout.flush()
+                os._exit(2)
             if isinstance(inner, GPT2PretrainedModel):
                 try:
                     inner.check_output_projection(tokens)
