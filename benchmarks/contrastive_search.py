@@ -21,6 +21,7 @@ Writes ``benchmarks/results/<name>.json`` and ``.md`` (``--name`` defaults to
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -93,8 +94,9 @@ def run_case(model, cfg, device, reps):
 
 def render(results):
     lines = [f"Machine: {results['machine']}. Command: `{results['command']}`.", "",
-             "Repetitions interleaved (batched, one at a time, batched, ...) on a machine shared "
-             "with other jobs; medians.", "",
+             f"Repetitions interleaved (batched, one at a time, batched, ...); medians. Load "
+             f"average (1 min) before the run: {results.get('load_before', 'not recorded')}, "
+             f"after: {results.get('load_after', 'not recorded')}.", "",
              "| model and prefixes | batched tok/s | one at a time tok/s | batched vs one at a time "
              "| per repetition | identical outputs |", "|---|---|---|---|---|---|"]
     for row in results["rows"]:
@@ -106,6 +108,14 @@ def render(results):
         lines += ["", f"Floor: >= {FLOOR}x at 96 prefixes on the CPU with identical outputs: "
                       f"{'met' if results['floor'] else 'NOT met'}."]
     return "\n".join(lines) + "\n"
+
+
+def _load():
+    """The 1-minute load average (a busy machine makes the ratio noisy), or None."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def main(argv=None):
@@ -131,6 +141,7 @@ def main(argv=None):
         model_cfg = dict(n_layer=4, n_embd=256, n_head=4, vocab=50257)
         cases = [dict(model_cfg, prefixes=p, shortest=16, longest=48,
                       continuation=args.continuation) for p in args.prefixes]
+    load_before = _load()
     rows = []
     models = {}
     with torch.inference_mode():
@@ -149,7 +160,8 @@ def main(argv=None):
     if device.type == "cuda":
         machine += f" ({torch.cuda.get_device_name(device)})"
     command = "python benchmarks/contrastive_search.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results = {"machine": machine, "command": command.strip(), "rows": rows, "floor": floor}
+    results = {"machine": machine, "command": command.strip(), "rows": rows, "floor": floor,
+               "load_before": load_before, "load_after": _load()}
     name = args.name or f"contrastive-search-{device.type}{'-quick' if args.quick else ''}"
     write_results(results, ROOT / "benchmarks" / "results", name, render)
     return 0 if floor is not False else 1

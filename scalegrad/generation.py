@@ -10,8 +10,8 @@ the first feeds only the newest token.
 
 Contrastive search (Su et al., 2022; ``docs/contrastive-search.md``) is
 :func:`contrastive_search`: at each step the ``top_k`` most probable candidates
-``v`` are fed through the model (their key/value entries on a copy of each
-row's cache) and scored ``(1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j)``
+``v`` are fed through the model (as K tokens of the row at one position, each
+seeing the row's earlier tokens and not the other candidates) and scored ``(1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j)``
 over the row's previous final hidden states ``h_j`` (prefix and generated,
 padding excluded); the best candidate is taken. The per-step loop
 (:func:`contrastive_steps`) is shared with the fairseq driver, which hands it
@@ -21,6 +21,7 @@ its own decoder.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -200,13 +201,14 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
     ``logits`` ``(B, V)``: the next-token logits after each row's prefix;
     ``context_hidden`` ``(B, S, E)`` and ``context_mask`` (see
     :func:`contrastive_scores`): the prefix's final hidden states. ``stepper``
-    holds the decoder's state (its key/value cache) and has ``reorder(rows)``
-    (its rows become ``rows``, a LongTensor of row indices, repeats allowed),
-    ``extend(tokens)`` (feed one ``(N, 1)`` token per row; returns the ``(N, E)``
-    final hidden states after it) and ``next_logits()`` (the ``(N, V)`` logits
-    after the last token fed to each row it now holds: only the chosen
-    candidates' are asked for, so a decoder can apply its output layer to those
-    rows alone). ``banned_token`` (a padding id, say) is never a candidate.
+    holds the decoder's state (its key/value cache) and has ``candidates(ids)``
+    (feed the ``(B, K)`` candidate ids, each on its own row's state; returns
+    their ``(B, K, E)`` final hidden states), ``choose(best)`` (keep candidate
+    ``best[b]`` of each row ``b``) and ``next_logits()`` (the ``(B, V)`` logits
+    after the chosen candidates: only those are asked for, so a decoder can
+    apply its output layer to those rows alone). :class:`CandidatesByReorder`
+    makes the first two from a decoder's ``reorder(rows)`` and ``extend(tokens)``.
+    ``banned_token`` (a padding id, say) is never a candidate.
     """
     rows = logits.size(0)
     top_k = min(top_k, logits.size(-1))
@@ -220,9 +222,7 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
         probs = F.softmax(logits, dim=-1)
         candidate_ids = torch.topk(logits, top_k, dim=-1).indices  # (B, K)
         candidate_probs = probs.gather(1, candidate_ids)
-        stepper.reorder(arange.repeat_interleave(top_k))
-        candidate_hidden = stepper.extend(candidate_ids.reshape(-1, 1))
-        candidate_hidden = candidate_hidden.reshape(rows, top_k, -1)
+        candidate_hidden = stepper.candidates(candidate_ids)  # (B, K, E)
         scores = contrastive_scores(context_hidden, context_mask, candidate_hidden,
                                     candidate_probs, penalty_alpha)
         best = scores.argmax(dim=-1)  # (B,)
@@ -231,7 +231,7 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
             bar.update(1)
         if step + 1 == continuation_length:
             break  # no next step: no cache to keep, no logits, no new context
-        stepper.reorder(arange * top_k + best)
+        stepper.choose(best)
         logits = stepper.next_logits()
         context_hidden = torch.cat([context_hidden, candidate_hidden[arange, best][:, None]], dim=1)
         if context_mask is not None:
@@ -239,10 +239,35 @@ def contrastive_steps(stepper, logits: torch.Tensor, context_hidden: torch.Tenso
     return torch.cat(generated, dim=1)
 
 
-class HFStepper:
-    """A Hugging Face causal LM's state during contrastive search: its key/value cache
-    (:func:`scalegrad.hf.reorder_cache`), and, for padded rows, the attention mask
-    and the next position id of each row. See :func:`contrastive_steps`.
+class CandidatesByReorder:
+    """``candidates`` and ``choose`` (:func:`contrastive_steps`) for a decoder state
+    with ``reorder(rows)`` (its rows become ``rows``, a LongTensor of row indices,
+    repeats allowed) and ``extend(tokens)`` (feed one ``(N, 1)`` token per row;
+    returns the ``(N, E)`` final hidden states): each row's state is copied K
+    times, one copy per candidate, and the chosen copy is kept."""
+
+    def candidates(self, ids: torch.Tensor) -> torch.Tensor:
+        rows, self._top_k = ids.shape
+        self.reorder(torch.arange(rows, device=ids.device).repeat_interleave(self._top_k))
+        return self.extend(ids.reshape(-1, 1)).reshape(rows, self._top_k, -1)
+
+    def choose(self, best: torch.Tensor) -> None:
+        self.reorder(torch.arange(best.size(0), device=best.device) * self._top_k + best)
+
+
+class HFStepper(CandidatesByReorder):
+    """A Hugging Face causal LM's state during contrastive search: its key/value cache,
+    and, for padded rows, the attention mask and the next position id of each row.
+    See :func:`contrastive_steps`.
+
+    The K candidates of a row are fed as K tokens of that row at the same
+    position, under a custom 4D attention mask by which each candidate sees the
+    row's earlier tokens and itself, not the other candidates (``tree``: the row's
+    cache is not copied K times; the candidates not chosen stay in the cache,
+    masked out for good). This is used when the model honours such a mask and
+    position ids, checked on a few tokens at the start (:func:`tree_candidates_work`);
+    otherwise each row's cache is copied K times (:class:`CandidatesByReorder`,
+    :func:`scalegrad.hf.reorder_cache`). ``tree`` forces one way.
 
     When the model's logits are its last hidden state times its output embedding
     (:func:`scalegrad.hf.check_linear_head`: GPT-2 and most causal LMs), the K
@@ -251,23 +276,25 @@ class HFStepper:
     whole model runs on every candidate.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, tree: bool | None = None):
         self.model = model
         self.extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+        self.tree = tree
         self.cache = None
         self.mask = None
         self.next_position = None
         self.base = self.head = None
         self.last = None  # per row: the last hidden state (with a linear head) or logits
+        self.visible = None  # tree: (B, cache length) bool, the entries later tokens may see
+        self.candidate_last = None
 
     def start(self, prefixes: torch.Tensor, mask: torch.Tensor | None = None):
         """Read the left-padded ``prefixes`` (``mask``: ``None`` when there is no
         padding); returns the last position's logits ``(B, V)``, the final hidden
         states ``(B, P, E)`` and their mask (``None`` without padding)."""
-        try:
-            self.base, self.head = check_linear_head(self.model, prefixes[:1, -4:])
-        except ValueError:
-            self.base = self.head = None
+        self.base, self.head, tree = _model_structure(self.model, prefixes[:1, -4:])
+        if self.tree is None:
+            self.tree = tree
         inputs = {}
         if mask is not None:
             self.mask = mask.to(torch.int64)
@@ -277,7 +304,34 @@ class HFStepper:
         output = self.model(input_ids=prefixes, use_cache=True, output_hidden_states=True,
                             **{cache_argument(self.model): None}, **inputs, **self.extra)
         self.cache = returned_cache(output)
+        if self.tree:
+            self.visible = (mask.bool() if mask is not None
+                            else torch.ones_like(prefixes, dtype=torch.bool))
+            if self.next_position is None:
+                self.next_position = torch.full((prefixes.size(0), 1), prefixes.size(1),
+                                                dtype=torch.int64, device=prefixes.device)
         return output.logits[:, -1, :], output.hidden_states[-1], mask
+
+    def candidates(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.tree:
+            return super().candidates(ids)
+        rows, top_k = ids.shape
+        visible = torch.cat([self.visible[:, None, :].expand(rows, top_k, -1),
+                             torch.eye(top_k, dtype=torch.bool, device=ids.device).expand(rows, -1, -1)],
+                            dim=2)
+        hidden, last = _forward_tree(self.model, self.base if self.head is not None else None,
+                                     ids, visible, self.next_position.expand(rows, top_k), self.cache)
+        self.candidate_last = last
+        return hidden
+
+    def choose(self, best: torch.Tensor) -> None:
+        if not self.tree:
+            return super().choose(best)
+        top_k = self.candidate_last.size(1)
+        self.visible = torch.cat([self.visible, F.one_hot(best, top_k).bool()], dim=1)
+        self.next_position = self.next_position + 1
+        self.last = self.candidate_last[torch.arange(best.size(0), device=best.device), best]
+        self.candidate_last = None
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache = reorder_cache(self.cache, rows)
@@ -308,6 +362,83 @@ class HFStepper:
 
     def next_logits(self) -> torch.Tensor:
         return self.head(self.last) if self.head is not None else self.last
+
+
+_STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _model_structure(model, probe_ids: torch.Tensor):
+    """``(base, head, tree)`` for :class:`HFStepper`: :func:`scalegrad.hf.check_linear_head`'s
+    parts (``None, None`` when the check fails) and :func:`tree_candidates_work`,
+    checked once per model, dtype, device and attention implementation (a run
+    that continues one prefix at a time does not repeat the checks per prefix)."""
+    key = (next(model.parameters()).dtype, _model_device(model),
+           getattr(getattr(model, "config", None), "_attn_implementation", None))
+    known = _STRUCTURE.setdefault(model, {})
+    if key not in known:
+        try:
+            base, head = check_linear_head(model, probe_ids)
+        except ValueError:
+            base = head = None
+        known[key] = (base, head, tree_candidates_work(model))
+    return known[key]
+
+
+def _forward_tree(model, base, ids: torch.Tensor, visible: torch.Tensor, positions: torch.Tensor,
+                  cache):
+    """Feed ``ids`` ``(B, N)`` on ``cache`` under ``visible`` ``(B, N, cache length +
+    N)`` (``True``: the query may attend to that entry) at ``positions`` ``(B, N)``;
+    the cache is extended in place (a ``Cache`` object). Returns the final hidden
+    states ``(B, N, E)`` and what :meth:`HFStepper.next_logits` needs per token:
+    the same hidden states when ``base`` (the model without its linear head) is
+    given, else the logits ``(B, N, V)``."""
+    dtype = next(model.parameters()).dtype
+    additive = torch.zeros(visible.shape, dtype=dtype, device=ids.device)
+    additive = additive.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+    inputs = {"input_ids": ids, "attention_mask": additive, "position_ids": positions,
+              "use_cache": True}
+    if base is not None:
+        output = base(**inputs, **{cache_argument(base): cache})
+        return output.last_hidden_state, output.last_hidden_state
+    output = model(**inputs, output_hidden_states=True, **{cache_argument(model): cache})
+    return output.hidden_states[-1], output.logits
+
+
+def tree_candidates_work(model, rtol: float | None = None) -> bool:
+    """Does ``model`` honour a custom 4D attention mask and position ids with its
+    key/value cache, as :class:`HFStepper`'s tree candidates need? Checked on
+    three tokens, two candidates after them and one token after the second
+    candidate (the first masked out), against plain forward passes without a
+    cache; ``False`` on any error or a difference beyond ``rtol`` (float32:
+    1e-4; half precision: 2e-2) of the hidden states' scale."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 6:
+        return False
+    if getattr(model.config, "sliding_window", None):
+        return False  # one custom mask for every layer would drop the window
+    device = _model_device(model)
+    dtype = next(model.parameters()).dtype
+    if rtol is None:
+        rtol = 1e-4 if dtype == torch.float32 else 2e-2
+    tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    try:
+        with torch.inference_mode():
+            output = model(input_ids=tensor([[1, 2, 3]]), use_cache=True,
+                           **{cache_argument(model): None})
+            cache = returned_cache(output)
+            visible = tensor([[[True] * 3 + [True, False], [True] * 3 + [False, True]]])
+            tree, _ = _forward_tree(model, None, tensor([[4, 5]]), visible, tensor([[3, 3]]), cache)
+            visible = tensor([[[True] * 3 + [False, True, True]]])
+            after, _ = _forward_tree(model, None, tensor([[1]]), visible, tensor([[4]]), cache)
+            plain = model(input_ids=tensor([[1, 2, 3, 4], [1, 2, 3, 5]]), output_hidden_states=True)
+            plain_after = model(input_ids=tensor([[1, 2, 3, 5, 1]]), output_hidden_states=True)
+    except Exception:  # noqa: BLE001 - any failure means: use the copied caches
+        return False
+    expected = torch.cat([plain.hidden_states[-1][:, -1], plain_after.hidden_states[-1][:, -1]])
+    got = torch.cat([tree[0], after[0]]).float()
+    expected = expected.float()
+    scale = float(expected.abs().max()) or 1.0
+    return got.shape == expected.shape and bool((got - expected).abs().max() <= rtol * scale)
 
 
 def _left_aligned(prefixes: torch.Tensor, mask: torch.Tensor):

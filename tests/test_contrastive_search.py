@@ -251,3 +251,84 @@ def test_gpt2_candidates_skip_the_vocabulary_projection(model, prefixes):
     with torch.inference_mode():
         stepper.start(prefixes)
     assert stepper.head is model.lm_head
+
+
+# -- the tree candidates (K tokens at one position under a 4D mask) ------------------
+
+def _steps(model, ids, mask, length, alpha, k, tree):
+    from scalegrad.generation import HFStepper, _left_aligned, contrastive_steps
+
+    stepper = HFStepper(model, tree=tree)
+    with torch.inference_mode():
+        if mask is not None:
+            ids, mask = _left_aligned(ids, mask.bool())
+        logits, context, context_mask = stepper.start(ids, mask)
+        out = contrastive_steps(stepper, logits, context, context_mask, length,
+                                penalty_alpha=alpha, top_k=k)
+    return out, stepper
+
+
+def _tiny(model_type, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_tree_candidates_equal_copied_caches(model, prefixes):
+    """The default way (tree) and the copied caches give the same continuations, padded
+    rows included, and the tree way leaves the unchosen candidates masked in the cache."""
+    from scalegrad.generation import tree_candidates_work
+
+    assert tree_candidates_work(model)
+    mask = torch.ones_like(prefixes)
+    mask[2, :5] = 0
+    mask[4, :8] = 0  # a length-1 prefix
+    tree, stepper = _steps(model, prefixes, mask, 7, 0.6, 4, tree=True)
+    copied, copied_stepper = _steps(model, prefixes, mask, 7, 0.6, 4, tree=False)
+    assert stepper.tree and not copied_stepper.tree
+    assert torch.equal(tree, copied)
+    # 9 prefix positions + 6 steps of 4 candidates (the 7th step keeps none): 1 visible each
+    assert stepper.visible.shape == (6, 9 + 6 * 4)
+    assert stepper.visible.sum(dim=1).tolist() == [int(m) + 6 for m in mask.sum(dim=1)]
+
+
+def test_tree_candidates_with_rotary_positions_and_grouped_heads(prefixes):
+    """Llama (rotary position ids, grouped key/value heads): the tree way is used, and
+    padded rows equal the plain loop."""
+    from scalegrad.generation import tree_candidates_work
+
+    llama = _tiny("llama")
+    assert tree_candidates_work(llama)
+    mask = torch.ones_like(prefixes[:3])
+    mask[1, :6] = 0
+    out = contrastive_search(llama, prefixes[:3], 6, penalty_alpha=0.6, top_k=3, attention_mask=mask)
+    for i in range(3):
+        row = prefixes[i][mask[i].bool()].tolist()
+        assert out[i].tolist() == plain_contrastive(llama, row, 6, 0.6, 3), i
+
+
+def test_models_the_tree_way_does_not_fit_fall_back_to_copied_caches(prefixes):
+    """A sliding-window model, and a model that drops the attention mask: the check says
+    no, the copied caches are used, and the continuations still equal the plain loop."""
+    from transformers import GPT2LMHeadModel
+
+    from scalegrad.generation import tree_candidates_work
+
+    class DropsTheMask(GPT2LMHeadModel):
+        def forward(self, *args, attention_mask=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    mistral = _tiny("mistral", sliding_window=4)
+    dropping = DropsTheMask(build_tiny_model(VOCAB, seed=3, n_positions=128).config).eval()
+    for other in (mistral, dropping):
+        assert not tree_candidates_work(other)
+        out, stepper = _steps(other, prefixes[:2], None, 5, 0.6, 3, tree=None)
+        assert not stepper.tree
+        for i in range(2):
+            assert out[i].tolist() == plain_contrastive(other, prefixes[i].tolist(), 5, 0.6, 3), i

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..generation import check_contrastive, contrastive_steps, is_greedy, top_k_top_p_filtering
+from ..generation import (CandidatesByReorder, check_contrastive, contrastive_steps, is_greedy,
+                          top_k_top_p_filtering)
 
 
 def next_tokens(logits: torch.Tensor, *, top_k: int, top_p: float, pad: int | None,
@@ -115,7 +116,7 @@ def contrastive_continuations(model, prefixes: torch.Tensor, length: int, *, pen
                              top_k=top_k, banned_token=pad)
 
 
-class FairseqStepper:
+class FairseqStepper(CandidatesByReorder):
     """A fairseq language model's state during contrastive search: the ids so far and
     the decoder's incremental state (:func:`scalegrad.generation.contrastive_steps`)."""
 
