@@ -64,7 +64,7 @@ def load_pretrained(source: str, role: str, *, kind: str = "base", device: str =
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from .tokenization import _hub_unreachable, load_tokenizer
+    from .tokenization import first_line as _first_line, from_pretrained_local_first, load_tokenizer
 
     key = (kind, source, device)
     if models is not None and key in models:
@@ -84,27 +84,21 @@ def load_pretrained(source: str, role: str, *, kind: str = "base", device: str =
         raise UserError(f"{role} {source}: not found locally (no such folder)")
     else:
         try:
-            model = loader.from_pretrained(name, local_files_only=True)
-        except Exception:
-            unreachable = _hub_unreachable()
-            if unreachable:
-                raise UserError(f"{role} {source}: not found locally (not a folder, not in the "
-                                f"Hugging Face cache) and {unreachable}; download it once or "
-                                f"pass a local folder") from None
-            try:
-                model = loader.from_pretrained(name)
-            except Exception as exc:
-                raise UserError(f"{role} {source}: not found locally and cannot be downloaded: "
-                                f"{_first_line(exc)}") from None
+            model = from_pretrained_local_first(
+                loader, name,
+                lambda why: f"{role} {source}: not found locally (not a folder, not in the "
+                            f"Hugging Face cache) and {why}; download it once or pass a local "
+                            f"folder")
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{role} {source}: not found locally and cannot be downloaded: "
+                            f"{_first_line(exc)}") from None
     tokenizer = load_tokenizer(name)
     model = model.float().to(device).eval()
     if models is not None:
         models[key] = (model, tokenizer)
     return model, tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -71,31 +71,50 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
     name = os.fspath(name_or_path)
     is_local = Path(name).exists()
-    tokenizer = None
     if not is_local and (os.path.isabs(name) or name.startswith(".") or name.count("/") > 1):
         raise UserError(f"tokenizer folder {name} does not exist")
-    if not is_local:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except Exception:
-            unreachable = _hub_unreachable()
-            if unreachable:
-                raise UserError(f"cannot load the tokenizer {name!r}: it is not in the local cache "
-                                f"and {unreachable}; a hub name needs internet access; pass a "
-                                f"local tokenizer folder instead") from None
-    if tokenizer is None:
-        try:
+    try:
+        if is_local:
             tokenizer = AutoTokenizer.from_pretrained(name)
-        except Exception as exc:
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if is_local:
-                raise UserError(f"cannot load a tokenizer from {name}: {detail} (expected a "
-                                f"folder written by save_pretrained)") from None
-            raise UserError(f"cannot load the tokenizer {name!r}: {detail}; a hub name needs "
-                            f"internet access; pass a local tokenizer folder instead") from None
+        else:
+            tokenizer = from_pretrained_local_first(
+                AutoTokenizer, name,
+                lambda why: f"cannot load the tokenizer {name!r}: it is not in the local cache and "
+                            f"{why}; a hub name needs internet access; pass a local tokenizer "
+                            f"folder instead")
+    except UserError:
+        raise
+    except Exception as exc:
+        detail = first_line(exc)
+        if is_local:
+            raise UserError(f"cannot load a tokenizer from {name}: {detail} (expected a "
+                            f"folder written by save_pretrained)") from None
+        raise UserError(f"cannot load the tokenizer {name!r}: {detail}; a hub name needs "
+                        f"internet access; pass a local tokenizer folder instead") from None
     if len(tokenizer) <= 1:
         raise UserError(f"the tokenizer loaded from {name} is empty (length {len(tokenizer)})")
     return tokenizer
+
+
+def from_pretrained_local_first(loader, name: str, unreachable_message):
+    """``loader.from_pretrained(name)`` (``loader``: ``AutoTokenizer``, ``AutoModel``, ...)
+    for a hub name: from the local Hugging Face cache first; when it is not there and
+    the hub surely cannot be reached, ``UserError(unreachable_message(why))`` at once
+    (instead of after the hub client's retries); otherwise from the hub, whose
+    exception, if any, propagates. The one local-first loading of the package
+    (tokenizers here, the evaluation models in :mod:`scalegrad.model_metrics`)."""
+    try:
+        return loader.from_pretrained(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache, whatever the exception type
+        why = _hub_unreachable()
+        if why:
+            raise UserError(unreachable_message(why)) from None
+    return loader.from_pretrained(name)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (its type's name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _hub_unreachable() -> str | None:
