@@ -256,7 +256,8 @@ def test_gpt2_candidates_skip_the_vocabulary_projection(model, prefixes):
 # -- the tree candidates (K tokens at one position under a 4D mask) ------------------
 
 def _steps(model, ids, mask, length, alpha, k, tree):
-    from scalegrad.generation import HFStepper, _left_aligned, contrastive_steps
+    from scalegrad.generation import HFStepper, contrastive_steps
+    from scalegrad.prefix_batches import left_aligned as _left_aligned
 
     stepper = HFStepper(model, tree=tree)
     with torch.inference_mode():

@@ -22,7 +22,7 @@ a ``torch.Generator`` seeded by ``--seed``.
 
 Contrastive search (``--penalty-alpha A`` with ``--topk K > 1``;
 ``docs/contrastive-search.md``): :func:`contrastive_continuations`, the core's
-per-step loop (:func:`scalegrad.generation.contrastive_steps`) over the model's
+per-step loop (:func:`scalegrad.contrastive_decoding.contrastive_steps`) over the model's
 decoder: the final hidden states are the decoder's features (``features_only``,
 the input of its output projection), the K candidates of each row are fed on
 copies of the row's incremental state (fairseq's
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..generation import (CandidatesByReorder, check_contrastive, contrastive_steps, is_greedy,
-                          top_k_top_p_filtering)
+from ..contrastive_decoding import CandidatesByReorder, check_contrastive, contrastive_steps
+from ..generation import is_greedy, top_k_top_p_filtering
 
 
 def next_tokens(logits: torch.Tensor, *, top_k: int, top_p: float, pad: int | None,
@@ -118,7 +118,7 @@ def contrastive_continuations(model, prefixes: torch.Tensor, length: int, *, pen
 
 class FairseqStepper(CandidatesByReorder):
     """A fairseq language model's state during contrastive search: the ids so far and
-    the decoder's incremental state (:func:`scalegrad.generation.contrastive_steps`)."""
+    the decoder's incremental state (:func:`scalegrad.contrastive_decoding.contrastive_steps`)."""
 
     def __init__(self, model):
         self.model = model
