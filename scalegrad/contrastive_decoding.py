@@ -213,10 +213,11 @@ class HFStepper(CandidatesByReorder):
             self.tree = tree
         inputs = {}
         if mask is not None:
-            self.mask = mask.to(torch.int64)
-            inputs = {"attention_mask": self.mask,
-                      "position_ids": (self.mask.cumsum(dim=1) - 1).clamp(min=0)}
-            self.next_position = self.mask.sum(dim=1, keepdim=True)
+            mask64 = mask.to(torch.int64)
+            inputs = {"attention_mask": mask64, "position_ids": (mask64.cumsum(dim=1) - 1).clamp(min=0)}
+            self.next_position = mask64.sum(dim=1, keepdim=True)
+            if not self.tree:  # the tree's own mask is ``visible``
+                self.mask = mask64
         output = self.model(input_ids=prefixes, use_cache=True, output_hidden_states=True,
                             **{cache_argument(self.model): None}, **inputs, **self.extra)
         self.cache = returned_cache(output)

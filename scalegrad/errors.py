@@ -5,6 +5,12 @@ import sys
 from typing import Callable
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (its type's name when it has none): the detail a
+    one-line :class:`UserError` message quotes from a library's exception."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class UserError(Exception):
     """A mistake in what the user handed us (a path, a flag value, a file's contents).
 

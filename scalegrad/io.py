@@ -38,7 +38,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -260,8 +260,7 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
     if "weights only load failed" in text.lower() or "weights_only" in text:
         return ("it holds objects other than tensors and plain containers, refused for "
                 "safety (weights_only=True)")
-    first = (text.splitlines() or [type(exc).__name__])[0]
-    return f"it is damaged or not a PyTorch file ({first})"
+    return f"it is damaged or not a PyTorch file ({first_line(exc)})"
 
 
 # --------------------------------------------------------------------------- #

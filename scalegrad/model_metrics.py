@@ -64,7 +64,8 @@ def load_pretrained(source: str, role: str, *, kind: str = "base", device: str =
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from .tokenization import first_line as _first_line, from_pretrained_local_first, load_tokenizer
+    from .errors import first_line as _first_line
+    from .tokenization import from_pretrained_local_first, load_tokenizer
 
     key = (kind, source, device)
     if models is not None and key in models:

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .io import atomic_path
 
 #: GPT-2's only special token; it is also its bos, eos and unk token.
@@ -110,11 +110,6 @@ def from_pretrained_local_first(loader, name: str, unreachable_message):
         if why:
             raise UserError(unreachable_message(why)) from None
     return loader.from_pretrained(name)
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first message line (its type's name when it has none)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _hub_unreachable() -> str | None:

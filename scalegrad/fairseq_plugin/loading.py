@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line as _first_line
 from .checkpoints import (ARCH_NAME, checkpoint_arch, checkpoint_hf_config, checkpoint_num_updates,
                           checkpoint_task, read_checkpoint)
 
@@ -156,10 +156,6 @@ def _check_dictionary(state: dict, task, path, data_dir) -> None:
         raise UserError(f"the dictionary of --data-dir {data_dir} has {size} symbols but {path} "
                         f"was trained with {embedding.size(0)}; use the data-bin the model was "
                         f"trained on (its dict.txt)")
-
-
-def _first_line(exc) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_blocks(loaded: LoadedModel, split: str, block_length: int):

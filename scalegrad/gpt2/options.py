@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 MODES = ("train", "eval-singletoken", "eval-completion", "eval-both")
 #: ``--objective``: the token-level training objective (docs/objectives.md); the names
@@ -221,7 +221,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UserError(f"config file {path} is not valid YAML: {first}") from None
     if raw is None:
         return {}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from ..errors import UserError, first_line as _first_line
 from ..io import check_folder_path, complete_copy, make_folder
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,6 @@ def seed_everything(seed: int) -> None:
 def _looks_like_path(name: str) -> bool:
     return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
             or os.path.sep != "/" and os.path.sep in name)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def model_source(args) -> str:

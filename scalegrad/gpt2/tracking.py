@@ -24,7 +24,7 @@ import logging
 import numbers
 import os
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import check_folder_path
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class WandbSink:
         try:
             self.run = wandb.init(project=project, name=name, config=config or {})
         except Exception as exc:  # no login, no network in online mode, ...
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise UserError(f"--wandb-project {project}: W&B could not start a run ({first}); "
                             f"log in with `wandb login`, or set WANDB_MODE=offline to record "
                             f"the run locally and `wandb sync` it later") from None

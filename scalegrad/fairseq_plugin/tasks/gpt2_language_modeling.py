@@ -60,7 +60,7 @@ from fairseq.tasks import register_task
 from omegaconf import OmegaConf, open_dict
 
 from ...data import SPLITS, chunk_tokens, load_split, make_prefixes, split_path
-from ...errors import UserError
+from ...errors import UserError, first_line
 from ...hf import unwrap
 from ...metrics import CompletionMetrics, ngram_metrics
 from ..models.gpt2_pretrained import (
@@ -436,7 +436,7 @@ def pretrained_vocabulary(pretrained_model: Optional[str]) -> tuple[int, Optiona
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ValueError(f"cannot read the config of --pretrained-model {pretrained_model!r}: "
                          f"{first} (a hub name needs internet access; or pass a local folder)") from None
     eos = getattr(config, "eos_token_id", None)
