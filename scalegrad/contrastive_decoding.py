@@ -214,7 +214,8 @@ class HFStepper(CandidatesByReorder):
         inputs = {}
         if mask is not None:
             mask64 = mask.to(torch.int64)
-            inputs = {"attention_mask": mask64, "position_ids": (mask64.cumsum(dim=1) - 1).clamp(min=0)}
+            inputs = {"attention_mask": mask64,
+                      "position_ids": (mask64.cumsum(dim=1) - 1).clamp(min=0)}
             self.next_position = mask64.sum(dim=1, keepdim=True)
             if not self.tree:  # the tree's own mask is ``visible``
                 self.mask = mask64

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ def load_pretrained(source: str, role: str, *, kind: str = "base", device: str =
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from .errors import first_line as _first_line
     from .tokenization import from_pretrained_local_first, load_tokenizer
 
     key = (kind, source, device)
@@ -80,7 +79,7 @@ def load_pretrained(source: str, role: str, *, kind: str = "base", device: str =
             model = loader.from_pretrained(name)
         except Exception as exc:
             raise UserError(f"{role} {source}: cannot load a model from it: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
     elif _looks_like_path(name):
         raise UserError(f"{role} {source}: not found locally (no such folder)")
     else:
@@ -94,7 +93,7 @@ def load_pretrained(source: str, role: str, *, kind: str = "base", device: str =
             raise
         except Exception as exc:
             raise UserError(f"{role} {source}: not found locally and cannot be downloaded: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
     tokenizer = load_tokenizer(name)
     model = model.float().to(device).eval()
     if models is not None:

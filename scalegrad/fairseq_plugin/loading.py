@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..errors import UserError, first_line as _first_line
+from ..errors import UserError, first_line
 from .checkpoints import (ARCH_NAME, checkpoint_arch, checkpoint_hf_config, checkpoint_num_updates,
                           checkpoint_task, read_checkpoint)
 
@@ -131,13 +131,13 @@ def load_model(path, data_dir, *, device="cpu") -> LoadedModel:
         raise
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
         raise UserError(f"cannot set up the task and model of {path} on --data-dir {data_dir}: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     _check_dictionary(state, task, path, data_dir)
     try:
         model.load_state_dict(state["model"], strict=True, model_cfg=model_cfg)
     except RuntimeError as exc:
         raise UserError(f"the weights of {path} do not fit the model built from its config on "
-                        f"--data-dir {data_dir}: {_first_line(exc)}") from None
+                        f"--data-dir {data_dir}: {first_line(exc)}") from None
     if getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None:
         raise UserError(f"{path} uses an adaptive softmax; its logits cover only part of the "
                         f"vocabulary, which the evaluation does not support")
@@ -169,7 +169,7 @@ def load_blocks(loaded: LoadedModel, split: str, block_length: int):
     try:
         task.load_dataset(split)
     except FileNotFoundError as exc:
-        raise UserError(f"split {split!r} not found in the data folder: {_first_line(exc)}") from None
+        raise UserError(f"split {split!r} not found in the data folder: {first_line(exc)}") from None
     return task.dataset(split)
 
 

@@ -221,8 +221,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = first_line(exc)
-        raise UserError(f"config file {path} is not valid YAML: {first}") from None
+        raise UserError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError, first_line as _first_line
+from ..errors import UserError, first_line
 from ..io import check_folder_path, complete_copy, make_folder
 
 logger = logging.getLogger(__name__)
@@ -182,8 +182,8 @@ def load_model(source: str, *, flag: str = "--model-name"):
         model = AutoModelForCausalLM.from_pretrained(source)
     except Exception as exc:
         if os.path.isdir(source):
-            raise UserError(f"cannot load a model from {flag} {source}: {_first_line(exc)}") from None
-        raise UserError(f"cannot load the model {source!r} ({flag}): {_first_line(exc)}; a hub "
+            raise UserError(f"cannot load a model from {flag} {source}: {first_line(exc)}") from None
+        raise UserError(f"cannot load the model {source!r} ({flag}): {first_line(exc)}; a hub "
                         f"name needs internet access, or pass a local folder") from None
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()

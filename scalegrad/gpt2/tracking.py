@@ -125,10 +125,10 @@ class WandbSink:
         try:
             self.run = wandb.init(project=project, name=name, config=config or {})
         except Exception as exc:  # no login, no network in online mode, ...
-            first = first_line(exc)
-            raise UserError(f"--wandb-project {project}: W&B could not start a run ({first}); "
-                            f"log in with `wandb login`, or set WANDB_MODE=offline to record "
-                            f"the run locally and `wandb sync` it later") from None
+            raise UserError(f"--wandb-project {project}: W&B could not start a run "
+                            f"({first_line(exc)}); log in with `wandb login`, or set "
+                            f"WANDB_MODE=offline to record the run locally and `wandb sync` "
+                            f"it later") from None
         logger.info("W&B run %s in project %s (%s)", self.run.id, project, self.run.dir)
 
     def __call__(self, step: int, prefix: str, scalars: dict) -> None:

@@ -436,9 +436,9 @@ def pretrained_vocabulary(pretrained_model: Optional[str]) -> tuple[int, Optiona
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:
-        first = first_line(exc)
         raise ValueError(f"cannot read the config of --pretrained-model {pretrained_model!r}: "
-                         f"{first} (a hub name needs internet access; or pass a local folder)") from None
+                         f"{first_line(exc)} (a hub name needs internet access; or pass a local "
+                         f"folder)") from None
     eos = getattr(config, "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
